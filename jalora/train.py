@@ -1,0 +1,272 @@
+"""`finetune()`: preset → tokenizer → records → tokenized examples → model + LoRA → Trainer → output dir.
+
+Its signature is the command line of finetune.py (alpaca-lora's flags plus jalora's own).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from jalora import __version__
+from jalora.collate import PadCollator
+from jalora.data import fingerprint, load_records, split_records, tokenize_records
+from jalora.errors import UserError, friendly_errors
+from jalora.modeling import (
+    DEFAULT_BASE_MODEL,
+    attach_lora,
+    compute_dtype,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    resolve_targets,
+)
+from jalora.outputs import RUN_RECORD, save_pretrained_atomic, write_json
+from jalora.presets import detect_preset, get_preset, presets_table
+from jalora.prompts import Prompter, load_template
+
+log = logging.getLogger(__name__)
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
+
+
+def resolve_preset(preset: str | None, base_model: str, trust_remote_code: bool = False):
+    """The preset named, else the one detected from the model id / path and its config."""
+    if preset:
+        return get_preset(preset)
+    config = load_config(resolve_source(base_model), trust_remote_code)
+    return detect_preset(base_model, getattr(config, "model_type", None))
+
+
+@friendly_errors
+def finetune(
+    base_model: str = DEFAULT_BASE_MODEL,
+    data_path: str = str(SAMPLE_DATA),
+    output_dir: str = "./lora-out",
+    # training hyper-parameters (alpaca-lora names and reference-recipe defaults)
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    num_epochs: float = 3,
+    learning_rate: float = 3e-4,
+    cutoff_len: int = 512,
+    val_set_size: float = 0.05,
+    val_data_path: str | None = None,
+    warmup_steps: int = 100,
+    max_steps: int = -1,
+    seed: int = 42,
+    # LoRA
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: list[str] | str | None = None,
+    # data and prompts
+    train_on_inputs: bool = False,
+    add_eos_token: bool = True,
+    group_by_length: bool = False,
+    prompt_template_name: str | None = None,
+    system_prompt: str | None = None,
+    data_format: str | None = None,
+    # model
+    preset: str | None = None,
+    quantization: str = "none",
+    bf16: bool | None = None,
+    fp16: bool | None = None,
+    trust_remote_code: bool = False,
+    # bookkeeping
+    resume_from_checkpoint: str | None = None,
+    eval_steps: int = 200,
+    save_steps: int = 200,
+    logging_steps: int = 10,
+    eval_before_training: bool = True,
+    wandb_project: str = "",
+    report_to: str = "none",
+) -> dict:
+    """Fine-tune a LoRA adapter on instruction data and save it with its run record.
+
+    The prompt is masked out of the loss by default (train_on_inputs=False): learning to
+    reproduce the instruction wastes capacity and makes answers echo the question.
+    val_set_size is a count, or a fraction when below 1 (alpaca-lora's fixed 2000 does not
+    fit small Japanese datasets). Warmup is capped at a tenth of the run so short runs learn.
+    Returns the run record.
+    """
+    if preset == "list":
+        print(presets_table())
+        return {}
+    if micro_batch_size > batch_size:
+        raise UserError(f"--micro_batch_size {micro_batch_size} is larger than --batch_size {batch_size}")
+    the_preset = resolve_preset(preset, base_model, trust_remote_code)
+    template = load_template(prompt_template_name or the_preset.template)
+    source = resolve_source(base_model)
+
+    # data first: every record is validated before any weights are loaded
+    records = load_records(data_path, data_format)
+    if val_data_path:
+        train_records, val_records = records, load_records(val_data_path, data_format)
+    else:
+        train_records, val_records = split_records(records, val_set_size, seed)
+
+    tokenizer = load_tokenizer(source, the_preset, trust_remote_code)
+    prompter = Prompter(template, tokenizer, the_preset, system_prompt)
+    train_set, stats = tokenize_records(train_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
+    val_set, _ = tokenize_records(val_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
+    if not train_set:
+        raise UserError(f"{data_path}: every record is longer than --cutoff_len {cutoff_len} in its prompt alone")
+    if stats.truncated or stats.dropped:
+        print(f"cutoff_len {cutoff_len}: {stats.truncated} records truncated (eos kept), {stats.dropped} dropped")
+
+    dtype = compute_dtype(bf16, fp16)
+    model = load_model(source, quantization, dtype, trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    targets = resolve_targets(model, lora_target_modules, the_preset)
+    model = attach_lora(model, targets, lora_r, lora_alpha, lora_dropout, quantized=quantization != "none")
+    model.print_trainable_parameters()
+
+    trainer = _build_trainer(
+        model,
+        tokenizer,
+        train_set,
+        val_set,
+        output_dir=output_dir,
+        gradient_accumulation_steps=max(1, batch_size // micro_batch_size // _world_size()),
+        micro_batch_size=micro_batch_size,
+        num_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        dtype=dtype,
+        group_by_length=group_by_length,
+        eval_steps=eval_steps,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        seed=seed,
+        report_to="wandb" if wandb_project else report_to,
+    )
+    if wandb_project:
+        os.environ["WANDB_PROJECT"] = wandb_project
+    metrics: dict = {}
+    if val_set and eval_before_training:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        print(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
+    if val_set:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        print(f"held-out loss after training: {metrics['eval_loss']:.4f}")
+
+    record = {
+        "jalora_version": __version__,
+        "base_model": base_model,
+        "preset": the_preset.name,
+        "template": template.name,
+        "system_prompt": prompter.system_prompt,
+        "quantization": quantization,
+        "cutoff_len": cutoff_len,
+        "train_on_inputs": train_on_inputs,
+        "add_eos_token": add_eos_token,
+        "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets},
+        "hyperparameters": {
+            "batch_size": batch_size,
+            "micro_batch_size": micro_batch_size,
+            "num_epochs": num_epochs,
+            "max_steps": max_steps,
+            "learning_rate": learning_rate,
+            "warmup_steps": trainer.args.warmup_steps,
+            "seed": seed,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "data": {
+            "path": data_path,
+            "val_path": val_data_path,
+            "fingerprint": fingerprint(data_path),
+            "train_examples": len(train_set),
+            "val_examples": len(val_set),
+            **asdict(stats),
+        },
+        "metrics": metrics,
+    }
+    if trainer.is_world_process_zero():
+        save_run(model, tokenizer, record, Path(output_dir))
+    return record
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _build_trainer(
+    model,
+    tokenizer,
+    train_set,
+    val_set,
+    *,
+    output_dir,
+    micro_batch_size,
+    num_epochs,
+    max_steps,
+    warmup_steps,
+    dtype,
+    group_by_length,
+    eval_steps,
+    save_steps,
+    logging_steps,
+    **kwargs,
+):
+    from transformers import Trainer, TrainingArguments
+
+    steps_per_epoch = math.ceil(len(train_set) / micro_batch_size / kwargs["gradient_accumulation_steps"])
+    total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        warmup_steps=min(warmup_steps, total_steps // 10),
+        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16,
+        logging_steps=min(logging_steps, max(1, total_steps // 10)),
+        eval_strategy="steps" if val_set else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=3,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False if _world_size() > 1 else None,
+        disable_tqdm=False,
+        **kwargs,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set or None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+
+
+def check_adapter_trained(model) -> None:
+    """An adapter whose LoRA B matrices are all zero is the base model: never call that a success."""
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    if not lora_b:
+        raise UserError("the model has no LoRA weights to save")
+    if all(torch.count_nonzero(p) == 0 for p in lora_b):
+        raise UserError("training left every LoRA weight at zero (no step was taken?); nothing was saved")
+
+
+def save_run(model, tokenizer, record: dict, out_dir: Path) -> None:
+    """Adapter, tokenizer and run record; the run record is written last and marks the run finished."""
+    check_adapter_trained(model)
+    save_pretrained_atomic(model, out_dir)
+    save_pretrained_atomic(tokenizer, out_dir)
+    write_json(out_dir / RUN_RECORD, record)
+    print(f"saved adapter and run record to {out_dir}")
