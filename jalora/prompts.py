@@ -120,6 +120,8 @@ class Prompter:
     def encode(self, texts: list[str], first: bool = True) -> list[list[int]]:
         """Token ids for texts, batched. `first` pieces get the preset's BOS unless the text
         already begins with it; nothing else is ever added (rinna's tokenizer would append </s>)."""
+        if not texts:
+            return []
         texts = [self._map_newlines(t) for t in texts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
