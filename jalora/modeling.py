@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,18 @@ def compute_dtype(bf16: bool | None = None, fp16: bool | None = None) -> torch.d
     return torch.float32
 
 
+def sharded_launch() -> bool:
+    """True under `accelerate launch` with FSDP or DeepSpeed, which shard the base model themselves."""
+    return any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def default_device_map() -> dict | None:
+    """Each process puts the whole model on its own GPU (DDP); FSDP/DeepSpeed and the CPU place it themselves."""
+    if not torch.cuda.is_available() or sharded_launch():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
 def quantization_config(quantization: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -126,6 +139,8 @@ def quantization_config(quantization: str, dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP/ZeRO-3 shard flat tensors of one dtype: store the packed 4-bit weights in the compute dtype
+            bnb_4bit_quant_storage=dtype if sharded_launch() else torch.uint8,
         )
     return None
 
@@ -144,7 +159,7 @@ def load_model(
     if quant is not None and source.gguf_file:
         raise UserError("a GGUF base model loads in full precision; use --quantization none")
     if device_map is None:
-        device_map = {"": 0} if torch.cuda.is_available() else None
+        device_map = default_device_map()
     model = AutoModelForCausalLM.from_pretrained(
         source.path,
         dtype=dtype,
@@ -156,7 +171,18 @@ def load_model(
     )
     if quantization == "4bit":
         keep_4bit_trainable(model)
+    if source.gguf_file:
+        forget_gguf_origin(model)
     return model
+
+
+def forget_gguf_origin(model) -> None:
+    """A GGUF checkpoint is dequantized to plain tensors on load, but transformers still marks the
+    model as GGUF-quantized, which makes Trainer refuse it and save_pretrained fail. Drop the mark."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.quantization_config = None
+    del model.config.quantization_config
 
 
 def keep_4bit_trainable(model) -> None:

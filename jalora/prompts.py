@@ -130,6 +130,7 @@ class Prompter:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """Answer text from generated ids: special tokens dropped, <NL> back to newlines."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Answer text from generated ids: special tokens dropped, <NL> back to newlines, and no
+        dangling replacement character where the last token ended inside a multi-byte character."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
         return text.replace(self.preset.newline_token, "\n") if self.preset.newline_token else text

@@ -220,7 +220,8 @@ def _build_trainer(
 ):
     from transformers import Trainer, TrainingArguments
 
-    steps_per_epoch = math.ceil(len(train_set) / micro_batch_size / kwargs["gradient_accumulation_steps"])
+    examples_per_step = micro_batch_size * kwargs["gradient_accumulation_steps"] * _world_size()
+    steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
     total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
     args = TrainingArguments(
         output_dir=output_dir,
