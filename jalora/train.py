@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from jalora import __version__
 from jalora.collate import PadCollator
@@ -124,6 +125,7 @@ def finetune(
     model = load_model(source, quantization, dtype, trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     targets = resolve_targets(model, lora_target_modules, the_preset)
+    set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter
     model = attach_lora(model, targets, lora_r, lora_alpha, lora_dropout, quantized=quantization != "none")
     model.print_trainable_parameters()
 

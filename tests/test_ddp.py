@@ -49,3 +49,18 @@ def test_torchrun_two_processes_matches_single_process(tiny_model_dir, tmp_path)
     assert record["data"]["train_examples"] == 32 and record["metrics"]["steps"] == 8
     # rank 1 wrote nothing of its own: one adapter, no stray temporary folders
     assert not list((tmp_path / "ddp").glob(".saving-*"))
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {
+        p.stem: load_config_from_file(str(p)).distributed_type.value
+        for p in (REPO / "configs/accelerate").glob("*.yaml")
+    }
+    assert kinds == {
+        "ddp": "MULTI_GPU",
+        "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
+        "fsdp_qlora": "FSDP",
+    }
