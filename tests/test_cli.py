@@ -41,7 +41,7 @@ def test_toy_task_trained_by_finetune_is_reproduced_by_generate(tiny_model_dir, 
     trained = run(
         "finetune.py",
         f"--base_model={tiny_model_dir(family)}", f"--data_path={data}", f"--output_dir={out}",
-        "--batch_size=8", "--micro_batch_size=8", "--max_steps=60", "--learning_rate=2e-2",
+        "--batch_size=8", "--micro_batch_size=8", "--max_steps=150", "--learning_rate=2e-2",
         "--val_set_size=0", "--lora_target_modules=all-linear", "--lora_r=16", "--lora_dropout=0",
         cwd=tmp_path,
     )  # fmt: skip

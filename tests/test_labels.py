@@ -63,7 +63,8 @@ def test_truncation_keeps_eos(tiny_model_dir, family):
 def test_prompt_longer_than_cutoff_is_dropped_and_counted(tiny_model_dir):
     prompter = prompter_for(tiny_model_dir, "open-calm")
     records = [RECORD, Record(instruction="長い指示" * 200, output="はい。")]
-    examples, stats = tokenize_records(records, prompter, cutoff_len=64)
+    fits = len(prompter.encode([prompter.render(RECORD.instruction, RECORD.input)])[0]) + 10
+    examples, stats = tokenize_records(records, prompter, cutoff_len=fits)
     assert len(examples) == 1 and (stats.kept, stats.dropped) == (1, 1)
 
 
