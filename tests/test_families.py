@@ -288,20 +288,30 @@ TOPICS = ["東京", "富士山", "寿司", "新幹線", "桜", "京都", "将棋
 SYSTEM = "あなたは短く答えるアシスタントです。"
 
 
-def test_toy_task_trained_by_finetune_is_reproduced_and_stops_on_eos(tiny_model_dir, tmp_path):
-    """One loop over every family (plus the generic fallback) in this process: subprocesses cost ~8 s each."""
+@pytest.mark.parametrize(
+    "families, steps",
+    [
+        pytest.param(("rinna", "llama3-elyza", "generic"), 30, id="rinna-llama3-generic"),
+        pytest.param((*FAMILIES, "generic"), 60, id="every-family", marks=pytest.mark.slow),
+    ],
+)
+def test_toy_task_trained_by_finetune_is_reproduced_and_stops_on_eos(tiny_model_dir, tmp_path, families, steps):
+    """One in-process loop over families (subprocesses cost ~8 s each). By default the three that
+    differ most from the foundation's open-calm/elyza-llama2 (SentencePiece + <NL>, chat template
+    with <|eot_id|>, generic fallback); `make test-slow` runs every family."""
     data = tmp_path / "toy.jsonl"
     records = [{"instruction": f"{t}について教えて。", "output": ANSWER} for t in TOPICS * 2]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    models = {f: tiny_model_dir(f) for f in FAMILIES}
-    models["generic"] = shutil.copytree(tiny_model_dir("swallow"), tmp_path / "mystery-llama")
+    models = {f: tiny_model_dir(f) for f in families if f != "generic"}
+    if "generic" in families:  # a Llama no preset knows, by name or by config
+        models["generic"] = shutil.copytree(tiny_model_dir("swallow"), tmp_path / "mystery-llama")
     failures = []
     for family, model_dir in models.items():
         out = tmp_path / family
         takes_system = family in CHAT or "llama2" in family or "codellama" in family
         record = finetune(
             base_model=str(model_dir), data_path=str(data), output_dir=str(out),
-            batch_size=8, micro_batch_size=8, max_steps=30, learning_rate=2e-2, val_set_size=0,
+            batch_size=8, micro_batch_size=8, max_steps=steps, learning_rate=2e-2, val_set_size=0,
             lora_target_modules="all-linear", lora_r=16, lora_dropout=0, save_steps=1000,
             system_prompt=SYSTEM if takes_system else None,
         )  # fmt: skip
