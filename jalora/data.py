@@ -44,7 +44,7 @@ class Record:
 def detect_format(row: dict) -> str | None:
     if "messages" in row:
         return "messages"
-    if "text" in row and "output" in row and "instruction" not in row:
+    if "text" in row and "instruction" not in row:
         return "ichikara"
     if "instruction" in row:
         return "dolly" if "category" in row else "alpaca"
@@ -223,7 +223,10 @@ class TokenizeStats:
 
 def _segments(record: Record, prompter: Prompter) -> list[tuple[str, bool]]:
     if record.messages:
-        return prompter.chat_segments(record.messages)
+        try:
+            return prompter.chat_segments(record.messages)
+        except UserError as err:
+            raise UserError(f"{record.where}: {err}") from None
     return [(prompter.render(record.instruction, record.input), False), (record.output, True)]
 
 

@@ -50,29 +50,55 @@ def resolve_source(base_model: str) -> ModelSource:
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model config; a model that needs custom code is refused unless trusted, before any code runs."""
     from transformers import AutoConfig
 
+    if not trust_remote_code and not source.gguf_file:
+        check_no_custom_code(source)
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise UserError(
-                f"{source.path} uses custom model code; re-run with --trust_remote_code True if you trust it, "
-                "and pass --lora_target_modules explicitly"
-            ) from None
-        raise
     except OSError as err:
         raise UserError(f"cannot load the model config of {source.path!r}: {err}") from None
 
 
-def load_tokenizer(source: ModelSource, preset: Preset, trust_remote_code: bool = False):
-    """The base tokenizer with the preset's special-token rules applied (see `repair_special_tokens`)."""
-    from transformers import AutoTokenizer
+def check_no_custom_code(source: ModelSource) -> None:
+    """A config with `auto_map` (custom code) or without `model_type` needs --trust_remote_code.
+
+    transformers would ask on the terminal; a training job must fail with the fix instead.
+    jalora has no preset for such a model, so the LoRA targets must be named too.
+    """
+    from transformers import PretrainedConfig
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.path, trust_remote_code=trust_remote_code, **preset.tokenizer_kwargs, **source.kwargs()
+        raw, _ = PretrainedConfig.get_config_dict(source.path)
+    except OSError as err:
+        raise UserError(f"cannot load the model config of {source.path!r}: {err}") from None
+    if "auto_map" in raw or "model_type" not in raw:
+        why = "uses custom model code (auto_map)" if "auto_map" in raw else "has no model_type"
+        raise UserError(
+            f"{source.path}: config.json {why}; if you trust the repository's code, re-run with "
+            "--trust_remote_code True and name the LoRA targets with --lora_target_modules "
+            "(for example q_proj,v_proj, or all-linear)"
         )
+
+
+def load_tokenizer(source: ModelSource, preset: Preset, trust_remote_code: bool = False):
+    """The base tokenizer with the preset's special-token rules applied (see `repair_special_tokens`).
+
+    Presets with `sentencepiece_files` (rinna) bypass AutoTokenizer, which in transformers 5
+    converts their SentencePiece file wrongly (see jalora/sentencepiece_tokenizer.py).
+    """
+    from transformers import AutoTokenizer
+
+    from jalora.sentencepiece_tokenizer import load_sentencepiece_tokenizer
+
+    try:
+        if preset.sentencepiece_files and not source.gguf_file:
+            tokenizer = load_sentencepiece_tokenizer(source.path, preset.sentencepiece_files)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code, **source.kwargs()
+            )
     except OSError as err:
         raise UserError(f"cannot load the tokenizer of {source.path!r}: {err}") from None
     repair_special_tokens(tokenizer, preset)
@@ -155,6 +181,8 @@ def load_model(
     """The base model, from safetensors only, optionally quantized with bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
+    if not trust_remote_code and not source.gguf_file:
+        check_no_custom_code(source)
     quant = quantization_config(quantization, dtype)
     if quant is not None and source.gguf_file:
         raise UserError("a GGUF base model loads in full precision; use --quantization none")

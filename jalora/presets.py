@@ -18,6 +18,8 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 NEOX_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 ELYZA_SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"
 LLAMA3_ELYZA_SYSTEM = ELYZA_SYSTEM + "特に指示が無い場合は、常に日本語で回答してください。"
+# llm-jp-3's chat template writes its fixed preamble only when a system message is present.
+LLMJP_SYSTEM = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,12 @@ class Preset:
     `template` names a file in templates/ or is "chat" (the tokenizer's own chat template).
     `eos_token` overrides the tokenizer's eos when the card says answers end elsewhere.
     `pad_candidates` are tried in order when the tokenizer has no pad, or pads with eos.
-    `add_bos` says whether a prompt starts with the BOS token (we add it ourselves, once).
+    `add_bos` says whether a prompt starts with the BOS token (we add it ourselves, once);
+    None means: as the tokenizer itself does (for the generic preset).
+    `config_signatures` are (model_type, vocab_size) pairs that identify the family from a
+    config when the model id or folder name does not (vocab_size None: any).
+    `sentencepiece_files` makes the tokenizer load straight from that SentencePiece file
+    instead of through AutoTokenizer (see jalora/sentencepiece_tokenizer.py).
     """
 
     name: str
@@ -37,18 +44,14 @@ class Preset:
     target_modules: tuple[str, ...]
     template: str
     context_length: int
-    add_bos: bool
+    add_bos: bool | None
+    config_signatures: tuple[tuple[str, int | None], ...] = ()
     system_prompt: str | None = None
     eos_token: str | None = None
     pad_candidates: tuple[str, ...] = ()
     newline_token: str | None = None
-    tokenizer_kwargs: dict = field(default_factory=dict)
+    sentencepiece_files: tuple[str, ...] = ()
     generation: dict = field(default_factory=dict)
-
-    def describe_tokens(self) -> str:
-        eos = self.eos_token or "tokenizer eos"
-        pad = " / ".join(self.pad_candidates) if self.pad_candidates else "unk or new"
-        return f"eos={eos}; pad={pad}"
 
 
 PRESETS: dict[str, Preset] = {
@@ -63,6 +66,8 @@ PRESETS: dict[str, Preset] = {
             template="alpaca_ja",
             context_length=2048,
             add_bos=False,
+            config_signatures=(("gpt_neox", 52224),),
+            eos_token="<|endoftext|>",
             pad_candidates=("<|padding|>",),
             generation=dict(temperature=0.7, top_p=0.75, top_k=40, repetition_penalty=1.1),
         ),
@@ -79,9 +84,11 @@ PRESETS: dict[str, Preset] = {
             template="rinna",
             context_length=2048,
             add_bos=False,
+            config_signatures=(("gpt_neox", 32000),),
+            eos_token="</s>",
             pad_candidates=("[PAD]",),
             newline_token="<NL>",
-            tokenizer_kwargs={"use_fast": False},
+            sentencepiece_files=("spiece.model", "tokenizer.model"),
             generation=dict(temperature=0.7, top_p=0.85, repetition_penalty=1.1),
         ),
         Preset(
@@ -98,6 +105,8 @@ PRESETS: dict[str, Preset] = {
             template="llama2_ja",
             context_length=4096,
             add_bos=True,
+            config_signatures=(("llama", 45043),),  # the -fast vocabulary; 32000 is every Llama-2
+            eos_token="</s>",
             system_prompt=ELYZA_SYSTEM,
             pad_candidates=("<unk>",),
             generation=dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1),
@@ -111,6 +120,8 @@ PRESETS: dict[str, Preset] = {
             template="llama2_ja",
             context_length=16384,
             add_bos=True,
+            config_signatures=(("llama", 32016),),
+            eos_token="</s>",
             system_prompt=ELYZA_SYSTEM,
             pad_candidates=("<unk>",),
             generation=dict(temperature=0.2, top_p=0.95, repetition_penalty=1.05),
@@ -124,6 +135,7 @@ PRESETS: dict[str, Preset] = {
             template="chat",
             context_length=8192,
             add_bos=False,  # the chat template writes <|begin_of_text|> itself
+            config_signatures=(("llama", 128256),),
             system_prompt=LLAMA3_ELYZA_SYSTEM,
             eos_token="<|eot_id|>",
             pad_candidates=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"),
@@ -138,6 +150,8 @@ PRESETS: dict[str, Preset] = {
             template="alpaca_ja",
             context_length=4096,
             add_bos=True,
+            config_signatures=(("llama", 43176),),
+            eos_token="</s>",
             pad_candidates=("<unk>",),
             generation=dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1),
         ),
@@ -150,6 +164,9 @@ PRESETS: dict[str, Preset] = {
             template="chat",
             context_length=4096,
             add_bos=False,  # the chat template writes <s> itself
+            config_signatures=(("llama", 99584),),
+            eos_token="</s>",
+            system_prompt=LLMJP_SYSTEM,
             pad_candidates=("<PAD|LLM-jp>",),
             generation=dict(temperature=0.7, top_p=0.95, repetition_penalty=1.05),
         ),
@@ -162,6 +179,7 @@ PRESETS: dict[str, Preset] = {
             template="chat",
             context_length=32768,
             add_bos=False,
+            config_signatures=(("qwen2", None),),
             system_prompt=ELYZA_SYSTEM,
             eos_token="<|im_end|>",
             pad_candidates=("<|endoftext|>",),
@@ -189,7 +207,7 @@ PRESETS: dict[str, Preset] = {
             target_modules=("all-linear",),
             template="alpaca_ja",
             context_length=2048,
-            add_bos=True,
+            add_bos=None,
             generation=dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
         ),
     ]
@@ -202,39 +220,61 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def detect_preset(model_id: str, model_type: str | None) -> Preset:
-    """Pick the preset whose id pattern occurs in the model id or path; else the generic one."""
+def detect_preset(model_id: str, config=None) -> Preset:
+    """The preset whose id pattern occurs in the model id or path, else the one whose
+    (model_type, vocab_size) signature matches the config, else the generic one (with a warning)."""
     lowered = model_id.lower()
-    for preset in PRESETS.values():
-        if preset.name != "generic" and any(pattern in lowered for pattern in (preset.name, *preset.id_patterns)):
+    specific = [p for p in PRESETS.values() if p.name != "generic"]
+    for preset in specific:
+        if any(pattern in lowered for pattern in (preset.name, *preset.id_patterns)):
+            return preset
+    model_type, vocab_size = getattr(config, "model_type", None), getattr(config, "vocab_size", None)
+    for preset in specific:
+        if any(t == model_type and v in (None, vocab_size) for t, v in preset.config_signatures):
             return preset
     log.warning(
-        "no preset matches %r (model_type %s): using 'generic' (LoRA on all linears, template alpaca_ja). "
-        "Pass --preset to choose one.",
+        "no preset matches %r (model_type %s, vocab %s): using 'generic' (LoRA on all linears, template "
+        "alpaca_ja, BOS as the tokenizer adds it). Pass --preset to choose one; `jalora presets` lists them.",
         model_id,
         model_type,
+        vocab_size,
     )
     return PRESETS["generic"]
 
 
+def _short_targets(targets: tuple[str, ...]) -> str:
+    """`q_proj,k_proj,...` as `q/k/.../down_proj`, so the table stays narrow."""
+    if len(targets) > 1 and all(t.endswith("_proj") for t in targets):
+        return "/".join(t.removesuffix("_proj") for t in targets) + "_proj"
+    return ",".join(targets)
+
+
+SHORT_FLAGS = {"temperature": "temp", "repetition_penalty": "rep"}
+
+
 def presets_table() -> str:
-    """The table `jalora presets` prints."""
-    header = ("preset", "architecture", "LoRA targets", "template", "tokens", "ctx", "generation", "examples")
+    """The table `jalora presets` prints: one row per preset, its example model ids beneath."""
+    header = ("preset", "arch", "LoRA targets", "template", "eos", "pad", "ctx", "generation")
     rows = [header]
     for p in PRESETS.values():
-        gen = " ".join(f"{k}={v}" for k, v in p.generation.items())
+        pad = p.pad_candidates[0] if p.pad_candidates else "unk, else any non-eos"
         rows.append(
             (
                 p.name,
                 p.architecture,
-                ",".join(p.target_modules),
+                _short_targets(p.target_modules),
                 p.template,
-                p.describe_tokens(),
+                p.eos_token or "tokenizer's",
+                pad,
                 str(p.context_length),
-                gen,
-                ", ".join(p.examples),
+                " ".join(f"{SHORT_FLAGS.get(k, k)}={v}" for k, v in p.generation.items()),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
-    return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i:
+            lines.append(" " * (widths[0] + 2) + "e.g. " + ", ".join(PRESETS[row[0]].examples))
+    legend = ", ".join(f"{short}=--{flag}" for flag, short in SHORT_FLAGS.items())
+    return "\n".join([*lines, "", f"generation defaults of generate.py ({legend})"])

@@ -63,6 +63,13 @@ def load_template(name_or_path: str) -> Template:
     return template
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encode starts with BOS (Llama tokenizers report
+    `add_bos_token=False` and still add it, so we look at what it does)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 class Prompter:
     """Renders (instruction, input) or chat messages into prompt text and token ids."""
 
@@ -72,10 +79,18 @@ class Prompter:
                 f"template {template.name!r} uses the tokenizer's chat template, but this tokenizer has none; "
                 "pass --prompt_template_name alpaca_ja"
             )
+        takes_system = template.use_chat_template or "{system}" in template.prompt_input + template.prompt_no_input
+        if system_prompt is not None and not takes_system:
+            raise UserError(
+                f"--system_prompt has no effect: template {template.name!r} has no {{system}} slot; "
+                "use a chat-template preset, llama2_ja, or a template of your own"
+            )
         self.template = template
         self.tokenizer = tokenizer
         self.preset = preset
-        self.system_prompt = system_prompt if system_prompt is not None else (template.system or preset.system_prompt)
+        default = template.system or preset.system_prompt
+        self.system_prompt = system_prompt if system_prompt is not None else (default if takes_system else None)
+        self.add_bos = preset.add_bos if preset.add_bos is not None else tokenizer_adds_bos(tokenizer)
 
     # --- text -----------------------------------------------------------------------------
     def render(self, instruction: str, input: str = "") -> str:
@@ -98,6 +113,11 @@ class Prompter:
         Assistant pieces are the replies alone (the caller appends the eos id); the template's
         text between turns, including its end-of-turn token, opens the following prompt piece.
         """
+        if not self.template.use_chat_template:
+            raise UserError(
+                f"field 'messages' needs a chat template, but template {self.template.name!r} is not one; "
+                "use a chat-template preset (llama3-elyza, llm-jp-3, qwen2.5) or --prompt_template_name chat"
+            )
         segments: list[tuple[str, bool]] = []
         consumed = ""
         for i, message in enumerate(messages):
@@ -125,7 +145,7 @@ class Prompter:
         texts = [self._map_newlines(t) for t in texts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
-        if first and self.preset.add_bos and bos is not None:
+        if first and self.add_bos and bos is not None:
             ids = [row if row[:1] == [bos] else [bos, *row] for row in ids]
         return ids
 

@@ -42,7 +42,7 @@ def resolve_preset(preset: str | None, base_model: str, trust_remote_code: bool 
     if preset:
         return get_preset(preset)
     config = load_config(resolve_source(base_model), trust_remote_code)
-    return detect_preset(base_model, getattr(config, "model_type", None))
+    return detect_preset(base_model, config)
 
 
 @friendly_errors
