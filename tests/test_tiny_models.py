@@ -176,7 +176,7 @@ def test_rinna_is_sentencepiece_slow(tiny_model_dir: BuildDir) -> None:
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.unk_token_id not in ids, text  # byte fallback instead of <unk>
         assert tok.sp_model.decode(ids) == unicodedata.normalize("NFKC", text)
-    seen = "吾輩は猫である。<NL>名前はまだ無い。"
+    seen = "日本の首都は東京です。<NL>富士山は高い山です。"  # characters of the shipped data
     assert tok.decode(tok(seen)["input_ids"], skip_special_tokens=True) == seen
 
 
