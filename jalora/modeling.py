@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from jalora.errors import UserError
+from jalora.preflight import check_safe_weights
 from jalora.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def load_model(
     """The base model, from safetensors only, optionally quantized with bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
+    check_safe_weights(source.path, source.gguf_file)
     quant = quantization_config(quantization, dtype)
     if quant is not None and source.gguf_file:
         raise UserError("a GGUF base model loads in full precision; use --quantization none")
