@@ -16,6 +16,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
@@ -44,8 +46,10 @@ class CheckpointingTrainer(Trainer):
         self.add_callback(CheckpointEveryEpoch())
         self.add_callback(self.interrupt)
 
-    def raise_if_interrupted(self) -> None:
-        """After `train()`: a run stopped by Ctrl-C ends as interrupted, never as finished."""
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, except that a run stopped by Ctrl-C ends as interrupted, never as finished."""
+        with self.interrupt.armed():
+            result = super().train(*args, **kwargs)
         if self.interrupt.requested:
             step = self.state.global_step
             checkpoint = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
@@ -53,6 +57,7 @@ class CheckpointingTrainer(Trainer):
                 f"interrupted at step {step}; checkpoint saved to {checkpoint}. "
                 f"Continue with --resume_from_checkpoint True --output_dir {self.args.output_dir}"
             )
+        return result
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging else super()._get_output_dir(trial)
@@ -100,7 +105,8 @@ class CheckpointEveryEpoch(TrainerCallback):
 class SaveOnInterrupt(TrainerCallback):
     """Ctrl-C finishes the current optimizer step, saves a checkpoint and stops training.
 
-    A second Ctrl-C quits at once (the previous checkpoint stays whole).
+    The handler is only in place while `armed`; the first Ctrl-C puts the previous handler back,
+    so a second one quits at once (the previous checkpoint stays whole).
     """
 
     def __init__(self):
@@ -112,16 +118,18 @@ class SaveOnInterrupt(TrainerCallback):
         signal.signal(signal.SIGINT, self._previous)
         print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to quit now)", file=sys.stderr)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None

@@ -106,13 +106,15 @@ def prepare_output_dir(output_dir: str, resume_from_checkpoint, overwrite_output
 
     A finished run (run record present) is replaced only with --overwrite_output_dir; an
     unfinished one (checkpoints, no run record) is continued only with --resume_from_checkpoint,
-    or started over with --overwrite_output_dir. Silently restarting from scratch, or silently
-    resuming, are both ways to lose a run.
+    or started over with --overwrite_output_dir (see `clear_previous_run`). Silently restarting
+    from scratch, or silently resuming, are both ways to lose a run.
     """
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file, not a folder")
     resume = _as_resume_flag(resume_from_checkpoint)
+    if resume is not None and overwrite_output_dir:
+        raise UserError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
     checkpoints = complete_checkpoints(folder)
     if resume is True:
         if not checkpoints:
@@ -125,13 +127,9 @@ def prepare_output_dir(output_dir: str, resume_from_checkpoint, overwrite_output
             hint = f"; complete ones: {', '.join(p.name for p in checkpoints)}" if checkpoints else ""
             raise UserError(f"--resume_from_checkpoint {resume}: {what}{hint}")
         return path
-    finished = (folder / RUN_RECORD).is_file()
     if overwrite_output_dir:
-        (folder / RUN_RECORD).unlink(missing_ok=True)  # the folder no longer claims a finished run
-        for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
-        return None
-    if finished:
+        return None  # `clear_previous_run` empties it once the new run's inputs have passed every check
+    if (folder / RUN_RECORD).is_file():
         raise UserError(
             f"--output_dir {output_dir} already holds a finished run ({RUN_RECORD}); "
             "pass --overwrite_output_dir True to replace it, or choose another --output_dir"
@@ -142,6 +140,15 @@ def prepare_output_dir(output_dir: str, resume_from_checkpoint, overwrite_output
             "pass --resume_from_checkpoint True to continue it, or --overwrite_output_dir True to start over"
         )
     return None
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """For --overwrite_output_dir: drop the old run record (the folder no longer claims a finished
+    run) and old checkpoints (resume must never pick one of them up)."""
+    folder = Path(output_dir)
+    (folder / RUN_RECORD).unlink(missing_ok=True)
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_resume_matches(checkpoint: Path, run_info: dict) -> None:

@@ -28,7 +28,14 @@ from jalora.modeling import (
     resolve_source,
     resolve_targets,
 )
-from jalora.outputs import RUN_RECORD, check_resume_matches, prepare_output_dir, save_pretrained_atomic, write_json
+from jalora.outputs import (
+    RUN_RECORD,
+    check_resume_matches,
+    clear_previous_run,
+    prepare_output_dir,
+    save_pretrained_atomic,
+    write_json,
+)
 from jalora.preflight import base_config_summary, check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table
 from jalora.prompts import Prompter, load_template
@@ -133,6 +140,8 @@ def finetune(
     }
     if resume:
         check_resume_matches(resume, run_info)
+    elif overwrite_output_dir:
+        clear_previous_run(output_dir)
 
     dtype = compute_dtype(bf16, fp16)
     torch.manual_seed(seed)  # the LoRA initialisation too: the same seed gives the same run
@@ -171,7 +180,6 @@ def finetune(
         print(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.raise_if_interrupted()
     metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
     if val_set:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]

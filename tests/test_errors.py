@@ -119,6 +119,10 @@ FLAG_CASES = {
     "bf16 and fp16": ({"bf16": True, "fp16": True}, r"--bf16 and --fp16 are both set"),
     "resume with nothing": ({"resume_from_checkpoint": True}, r"--resume_from_checkpoint True: no complete checkpoint"),
     "resume path missing": ({"resume_from_checkpoint": "/no/ckpt"}, r"--resume_from_checkpoint /no/ckpt: not found"),
+    "resume and overwrite": (
+        {"resume_from_checkpoint": True, "overwrite_output_dir": True},
+        r"--resume_from_checkpoint and --overwrite_output_dir contradict each other",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,14 @@ from safetensors.torch import load_file
 
 from jalora.errors import UserError
 from jalora.nan_guard import NonFiniteLossError
-from jalora.outputs import CHECKPOINT_INFO, complete_checkpoints, write_json
+from jalora.outputs import (
+    CHECKPOINT_INFO,
+    clear_previous_run,
+    complete_checkpoints,
+    prepare_output_dir,
+    save_pretrained_atomic,
+    write_json,
+)
 from jalora.train import finetune as finetune_cli
 
 finetune = finetune_cli.__wrapped__  # in-process: the UserError itself, not the CLI's exit
@@ -186,6 +194,26 @@ def test_finished_run_is_not_overwritten_without_the_flag(runs, tmp_path):
         finetune(base_model=runs["base"], data_path=runs["data"], output_dir=str(out), **RUN)
     with pytest.raises(UserError, match="no complete checkpoint"):
         finetune(base_model=runs["base"], data_path=runs["data"], output_dir=str(out), resume_from_checkpoint=True)
+    shutil.copytree(runs["reference"] / "checkpoint-12", out / "checkpoint-12")
+    assert prepare_output_dir(str(out), None, overwrite_output_dir=True) is None
+    assert (out / "jalora.json").exists(), "nothing is deleted before the new run's inputs are checked"
+    clear_previous_run(str(out))
+    assert not (out / "jalora.json").exists() and not (out / "checkpoint-12").exists()
+
+
+class SaveFailsHalfway:
+    """Writes one whole file and half of another, then fails, as a full disk or a crash would."""
+
+    def save_pretrained(self, folder: Path) -> None:
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+        raise OSError("No space left on device")
+
+
+def test_write_that_fails_halfway_leaves_nothing(tmp_path):
+    with pytest.raises(OSError):
+        save_pretrained_atomic(SaveFailsHalfway(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(runs, tmp_path):
