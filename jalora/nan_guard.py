@@ -22,6 +22,8 @@ class NonFiniteLossError(UserError):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
+    """Watches the loss of every training forward pass through a hook on the model."""
+
     def __init__(self):
         self.bad_loss: float | None = None
         self._hook = None
@@ -48,12 +50,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
     def message(self, args, step: int) -> str:
         value = "NaN" if math.isnan(self.bad_loss) else "inf"
         good = [c for c in complete_checkpoints(args.output_dir) if checkpoint_step(c) < step]
-        kept = (
-            f"the last good checkpoint is {good[-1]} (resume it with --resume_from_checkpoint {good[-1]})"
-            if good
-            else "no checkpoint had been saved yet"
-        )
-        fixes = [f"lower --learning_rate (it was {args.learning_rate:g}), e.g. by 10x"]
+        kept = f"The last good checkpoint is {good[-1]}" if good else "No checkpoint had been saved yet"
+        fixes = [f"start again with a lower --learning_rate (it was {args.learning_rate:g}), e.g. 10x lower"]
         if args.fp16:
             fixes.append("use --bf16 True instead of --fp16 (fp16 overflows to inf)")
         else:

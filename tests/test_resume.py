@@ -224,8 +224,8 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(runs, tmp
     with pytest.raises(NonFiniteLossError) as err:
         finetune(base_model=runs["base"], data_path=runs["data"], output_dir=str(out), **flags)
     message = str(err.value)
-    assert "at step 2;" in message and "lower --learning_rate (it was 1e+30)" in message and "--bf16" in message
-    assert f"last good checkpoint is {out / 'checkpoint-1'}" in message
+    assert "at step 2;" in message and "a lower --learning_rate (it was 1e+30)" in message and "--bf16" in message
+    assert f"The last good checkpoint is {out / 'checkpoint-1'}" in message
     assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-1"]
     weights = adapter_weights(out / "checkpoint-1")
     assert all(torch.isfinite(w).all() for w in weights.values())
