@@ -94,7 +94,24 @@ def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
         try:
             yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            whole = _single_document(path, text)
+            raise UserError(whole or f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def _single_document(path: Path, text: str) -> str | None:
+    """A file that fails as JSON lines may be one JSON object over many lines (arrays are caught earlier)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    under = ", ".join(repr(key) for key, value in document.items() if isinstance(value, list))
+    hint = f"; the records seem to be under {under}: save that list instead" if under else ""
+    return (
+        f"{path}:1: the file is one JSON object over several lines; expected a JSON array of records (.json) "
+        f"or one record per line (.jsonl){hint}"
+    )
 
 
 def _hub_rows(dataset_id: str) -> Iterator[tuple[str, object]]:

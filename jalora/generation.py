@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 
 from jalora.errors import UserError, friendly_errors
-from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_model, load_tokenizer, resolve_source
+from jalora.modeling import (
+    DEFAULT_BASE_MODEL,
+    compute_dtype,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+)
 from jalora.outputs import read_run_record, write_atomic
+from jalora.preflight import check_adapter_fits, check_base_matches
 from jalora.presets import Preset, get_preset
 from jalora.prompts import Prompter, load_template
 
@@ -96,6 +104,8 @@ class Generator:
         the_preset = the_preset or resolve_preset(None, base_model, trust_remote_code)
         template = load_template(prompt_template_name or record.get("template") or the_preset.template)
         source = resolve_source(base_model)
+        if lora_weights and "base_config" in record and base_model != record.get("base_model"):
+            check_base_matches(lora_weights, record, load_config(source, trust_remote_code))
         tokenizer = load_tokenizer(source, the_preset, trust_remote_code)
         if system_prompt is None:
             system_prompt = record.get("system_prompt")
@@ -103,6 +113,7 @@ class Generator:
         model = load_model(source, quantization or "none", compute_dtype(), trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora_weights:
+            check_adapter_fits(lora_weights, model)
             model = PeftModel.from_pretrained(model, lora_weights)
         return cls(model, tokenizer, prompter)
 

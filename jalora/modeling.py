@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from jalora.errors import UserError
+from jalora.preflight import check_safe_weights
 from jalora.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ def load_model(
     """The base model, from safetensors only, optionally quantized with bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
+    check_safe_weights(source.path, source.gguf_file)
     if not trust_remote_code and not source.gguf_file:
         check_no_custom_code(source)
     quant = quantization_config(quantization, dtype)

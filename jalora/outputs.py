@@ -54,6 +54,11 @@ def read_run_record(adapter_dir: str) -> dict:
     if not folder.is_dir():
         raise UserError(f"{adapter_dir}: adapter folder not found")
     missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if "adapter_model.safetensors" in missing and (folder / "adapter_model.bin").is_file():
+        raise UserError(
+            f"{adapter_dir}: the adapter is a pickle file (adapter_model.bin); jalora loads safetensors only, "
+            "because unpickling can run code. Re-save it with peft's save_pretrained(safe_serialization=True)"
+        )
     if missing:
         raise UserError(f"{adapter_dir}: not a LoRA adapter folder (missing {', '.join(missing)})")
     record_path = folder / RUN_RECORD
@@ -63,3 +68,98 @@ def read_run_record(adapter_dir: str) -> dict:
         return json.loads(record_path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise UserError(f"{record_path}: unreadable run record: {err}") from None
+
+
+# --- checkpoints and the output folder ------------------------------------------------------
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's folder names: checkpoint-<global step>
+CHECKPOINT_INFO = "jalora-checkpoint.json"  # written last into the staging folder before it is renamed
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints in output_dir, oldest first. Only whole ones count: jalora stages each checkpoint
+    under a temporary name and renames it at the end, and writes CHECKPOINT_INFO last before that."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_INFO).is_file()]
+    found = [p for p in found if checkpoint_step(p) >= 0]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step in a checkpoint folder's name, or -1 if the name is not checkpoint-<N>."""
+    step = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(step) if path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else -1
+
+
+def _as_resume_flag(value) -> str | bool | None:
+    """fire gives True, a path, or strings such as 'true'; normalise to True / path / None."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "latest"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    return value or None
+
+
+def prepare_output_dir(output_dir: str, resume_from_checkpoint, overwrite_output_dir: bool) -> Path | None:
+    """Decide, before any work, what this run does with output_dir; return the checkpoint to resume.
+
+    A finished run (run record present) is replaced only with --overwrite_output_dir; an
+    unfinished one (checkpoints, no run record) is continued only with --resume_from_checkpoint,
+    or started over with --overwrite_output_dir (see `clear_previous_run`). Silently restarting
+    from scratch, or silently resuming, are both ways to lose a run.
+    """
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    resume = _as_resume_flag(resume_from_checkpoint)
+    if resume is not None and overwrite_output_dir:
+        raise UserError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
+    checkpoints = complete_checkpoints(folder)
+    if resume is True:
+        if not checkpoints:
+            raise UserError(f"--resume_from_checkpoint True: no complete checkpoint in {output_dir}")
+        return checkpoints[-1]
+    if resume is not None:
+        path = Path(str(resume))
+        if not (path / CHECKPOINT_INFO).is_file():
+            what = "not found" if not path.is_dir() else f"not a complete jalora checkpoint (no {CHECKPOINT_INFO})"
+            hint = f"; complete ones: {', '.join(p.name for p in checkpoints)}" if checkpoints else ""
+            raise UserError(f"--resume_from_checkpoint {resume}: {what}{hint}")
+        return path
+    if overwrite_output_dir:
+        return None  # `clear_previous_run` empties it once the new run's inputs have passed every check
+    if (folder / RUN_RECORD).is_file():
+        raise UserError(
+            f"--output_dir {output_dir} already holds a finished run ({RUN_RECORD}); "
+            "pass --overwrite_output_dir True to replace it, or choose another --output_dir"
+        )
+    if checkpoints:
+        raise UserError(
+            f"--output_dir {output_dir} holds an unfinished run (last checkpoint: {checkpoints[-1].name}); "
+            "pass --resume_from_checkpoint True to continue it, or --overwrite_output_dir True to start over"
+        )
+    return None
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """For --overwrite_output_dir: drop the old run record (the folder no longer claims a finished
+    run) and old checkpoints (resume must never pick one of them up)."""
+    folder = Path(output_dir)
+    (folder / RUN_RECORD).unlink(missing_ok=True)
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_resume_matches(checkpoint: Path, run_info: dict) -> None:
+    """Refuse to resume on other data or another batch layout: the saved data position would
+    point somewhere else and the run would not continue, it would diverge."""
+    saved = json.loads((checkpoint / CHECKPOINT_INFO).read_text(encoding="utf-8"))["run"]
+    changed = [
+        f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in run_info.items() if saved.get(key) != value
+    ]
+    if changed:
+        raise UserError(
+            f"cannot resume from {checkpoint}: the run differs from the one that wrote it ({'; '.join(changed)}). "
+            "Use the same data and batch flags, or start a new --output_dir"
+        )

@@ -7,6 +7,7 @@ model is trained on and the ids it is asked with are the same by construction.
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from jalora.errors import UserError
 from jalora.presets import Preset
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+PLACEHOLDERS = ("instruction", "input", "system")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ def load_template(name_or_path: str) -> Template:
     template = Template(name=path.stem, **fields)
     if not template.use_chat_template:
         for key in ("prompt_input", "prompt_no_input"):
+            check_placeholders(path, key, getattr(template, key))
             if "{instruction}" not in getattr(template, key):
                 raise UserError(f"{path}: field {key!r} must contain {{instruction}}")
         if "{input}" not in template.prompt_input:
@@ -68,6 +71,22 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     `add_bos_token=False` and still add it, so we look at what it does)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def check_placeholders(path: Path, key: str, text: str) -> None:
+    """Templates are data: only the plain fields {instruction}, {input} and {system}. str.format
+    would otherwise follow `{instruction.__class__}` or `{input[0]}` into Python objects."""
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as err:
+        raise UserError(f"{path}: field {key!r} has unbalanced braces ({err}); write literal braces doubled") from None
+    for _, name, spec, conversion in parsed:
+        if name is not None and (name not in PLACEHOLDERS or spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UserError(
+                f"{path}: field {key!r} has placeholder {shown}; only {{instruction}}, {{input}} and {{system}} "
+                "are allowed (no attributes, indexes or format specs)"
+            )
 
 
 class Prompter:

@@ -29,7 +29,15 @@ from jalora.modeling import (
     resolve_source,
     resolve_targets,
 )
-from jalora.outputs import RUN_RECORD, save_pretrained_atomic, write_json
+from jalora.outputs import (
+    RUN_RECORD,
+    check_resume_matches,
+    clear_previous_run,
+    prepare_output_dir,
+    save_pretrained_atomic,
+    write_json,
+)
+from jalora.preflight import base_config_summary, check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table
 from jalora.prompts import Prompter, load_template
 
@@ -80,7 +88,8 @@ def finetune(
     fp16: bool | None = None,
     trust_remote_code: bool = False,
     # bookkeeping
-    resume_from_checkpoint: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    overwrite_output_dir: bool = False,
     eval_steps: int = 200,
     save_steps: int = 200,
     logging_steps: int = 10,
@@ -94,13 +103,14 @@ def finetune(
     reproduce the instruction wastes capacity and makes answers echo the question.
     val_set_size is a count, or a fraction when below 1 (alpaca-lora's fixed 2000 does not
     fit small Japanese datasets). Warmup is capped at a tenth of the run so short runs learn.
-    Returns the run record.
+    Checkpoints (every save_steps and each epoch end, and on Ctrl-C) resume exactly with
+    --resume_from_checkpoint PATH or True (the latest in output_dir). Returns the run record.
     """
     if preset == "list":
         print(presets_table())
         return {}
-    if micro_batch_size > batch_size:
-        raise UserError(f"--micro_batch_size {micro_batch_size} is larger than --batch_size {batch_size}")
+    check_training_flags(locals())
+    resume = prepare_output_dir(output_dir, resume_from_checkpoint, overwrite_output_dir)
     the_preset = resolve_preset(preset, base_model, trust_remote_code)
     template = load_template(prompt_template_name or the_preset.template)
     source = resolve_source(base_model)
@@ -121,6 +131,19 @@ def finetune(
     if stats.truncated or stats.dropped:
         print(f"cutoff_len {cutoff_len}: {stats.truncated} records truncated (eos kept), {stats.dropped} dropped")
 
+    gradient_accumulation_steps = max(1, batch_size // micro_batch_size // _world_size())
+    run_info = {
+        "data_fingerprint": fingerprint(data_path),
+        "train_examples": len(train_set),
+        "micro_batch_size": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "seed": seed,
+    }
+    if resume:
+        check_resume_matches(resume, run_info)
+    elif overwrite_output_dir:
+        clear_previous_run(output_dir)
+
     dtype = compute_dtype(bf16, fp16)
     model = load_model(source, quantization, dtype, trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -134,8 +157,9 @@ def finetune(
         tokenizer,
         train_set,
         val_set,
+        run_info=run_info,
         output_dir=output_dir,
-        gradient_accumulation_steps=max(1, batch_size // micro_batch_size // _world_size()),
+        gradient_accumulation_steps=gradient_accumulation_steps,
         micro_batch_size=micro_batch_size,
         num_epochs=num_epochs,
         max_steps=max_steps,
@@ -156,7 +180,7 @@ def finetune(
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         print(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
     if val_set:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -165,6 +189,7 @@ def finetune(
     record = {
         "jalora_version": __version__,
         "base_model": base_model,
+        "base_config": base_config_summary(model.config),
         "preset": the_preset.name,
         "template": template.name,
         "system_prompt": prompter.system_prompt,
@@ -186,7 +211,7 @@ def finetune(
         "data": {
             "path": data_path,
             "val_path": val_data_path,
-            "fingerprint": fingerprint(data_path),
+            "fingerprint": run_info["data_fingerprint"],
             "train_examples": len(train_set),
             "val_examples": len(val_set),
             **asdict(stats),
@@ -218,9 +243,13 @@ def _build_trainer(
     eval_steps,
     save_steps,
     logging_steps,
+    run_info,
     **kwargs,
 ):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from jalora.checkpoints import CheckpointingTrainer
+    from jalora.nan_guard import StopOnNonFiniteLoss
 
     examples_per_step = micro_batch_size * kwargs["gradient_accumulation_steps"] * _world_size()
     steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
@@ -247,13 +276,15 @@ def _build_trainer(
         disable_tqdm=False,
         **kwargs,
     )
-    return Trainer(
+    return CheckpointingTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        callbacks=[StopOnNonFiniteLoss()],
+        run_info=run_info,
     )
 
 
