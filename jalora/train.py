@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from jalora import __version__
+from jalora.card import write_model_card
 from jalora.collate import PadCollator
 from jalora.data import fingerprint, load_records, split_records, tokenize_records
 from jalora.errors import UserError, friendly_errors
@@ -29,6 +30,7 @@ from jalora.modeling import (
     resolve_targets,
 )
 from jalora.outputs import RUN_RECORD, save_pretrained_atomic, write_json
+from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
 from jalora.presets import detect_preset, get_preset, presets_table
 from jalora.prompts import Prompter, load_template
 
@@ -190,6 +192,7 @@ def finetune(
             **asdict(stats),
         },
         "metrics": metrics,
+        "losses": loss_curves(trainer.state.log_history, metrics.get("eval_loss_before")),
     }
     if trainer.is_world_process_zero():
         save_run(model, tokenizer, record, Path(output_dir))
@@ -264,9 +267,13 @@ def check_adapter_trained(model) -> None:
 
 
 def save_run(model, tokenizer, record: dict, out_dir: Path) -> None:
-    """Adapter, tokenizer and run record; the run record is written last and marks the run finished."""
+    """Adapter, tokenizer, loss plot, model card and run record; the run record is written last
+    and marks the run finished."""
     check_adapter_trained(model)
     save_pretrained_atomic(model, out_dir)
     save_pretrained_atomic(tokenizer, out_dir)
+    if save_loss_plot(record.get("losses", {}), out_dir / LOSS_PLOT, title=str(record.get("base_model", ""))):
+        print(f"loss curve: {out_dir / LOSS_PLOT}")
+    write_model_card(out_dir, record)  # replaces peft's README stub
     write_json(out_dir / RUN_RECORD, record)
     print(f"saved adapter and run record to {out_dir}")
