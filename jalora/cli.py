@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fire
 
+from jalora.evaluate import evaluate
+from jalora.export import merge
 from jalora.generation import main as generate
 from jalora.presets import presets_table
 from jalora.train import finetune
@@ -17,6 +19,8 @@ def presets() -> None:
 COMMANDS = {
     "finetune": finetune,
     "generate": generate,
+    "evaluate": evaluate,
+    "merge": merge,
     "presets": presets,
 }
 

@@ -65,9 +65,12 @@ def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise UserError(f"{path}: data file is empty")
     suffix = path.suffix
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for i, row in enumerate(reader, start=2):
-            yield f"{path}:{i}", row
+        # keepends: quoted fields may hold newlines (ELYZA-tasks-100 does); report the line a record starts on
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        start = 2
+        for row in reader:
+            yield f"{path}:{start}", row
+            start = reader.line_num + 1
         return
     if suffix == ".parquet":
         import pyarrow.parquet as pq

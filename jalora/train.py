@@ -16,6 +16,7 @@ import torch
 from transformers import set_seed
 
 from jalora import __version__
+from jalora.card import write_model_card
 from jalora.collate import PadCollator
 from jalora.data import fingerprint, load_records, split_records, tokenize_records
 from jalora.errors import UserError, friendly_errors
@@ -37,6 +38,7 @@ from jalora.outputs import (
     save_pretrained_atomic,
     write_json,
 )
+from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
 from jalora.preflight import base_config_summary, check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table
 from jalora.prompts import Prompter, load_template
@@ -217,6 +219,7 @@ def finetune(
             **asdict(stats),
         },
         "metrics": metrics,
+        "losses": loss_curves(trainer.state.log_history, metrics.get("eval_loss_before")),
     }
     if trainer.is_world_process_zero():
         save_run(model, tokenizer, record, Path(output_dir))
@@ -298,9 +301,13 @@ def check_adapter_trained(model) -> None:
 
 
 def save_run(model, tokenizer, record: dict, out_dir: Path) -> None:
-    """Adapter, tokenizer and run record; the run record is written last and marks the run finished."""
+    """Adapter, tokenizer, loss plot, model card and run record; the run record is written last
+    and marks the run finished."""
     check_adapter_trained(model)
     save_pretrained_atomic(model, out_dir)
     save_pretrained_atomic(tokenizer, out_dir)
+    if save_loss_plot(record.get("losses", {}), out_dir / LOSS_PLOT, title=str(record.get("base_model", ""))):
+        print(f"loss curve: {out_dir / LOSS_PLOT}")
+    write_model_card(out_dir, record)  # replaces peft's README stub
     write_json(out_dir / RUN_RECORD, record)
     print(f"saved adapter and run record to {out_dir}")
