@@ -5,6 +5,7 @@ from __future__ import annotations
 import fire
 
 from jalora.generation import main as generate
+from jalora.memory import estimate
 from jalora.presets import presets_table
 from jalora.train import finetune
 
@@ -18,6 +19,7 @@ COMMANDS = {
     "finetune": finetune,
     "generate": generate,
     "presets": presets,
+    "estimate": estimate,
 }
 
 
