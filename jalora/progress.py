@@ -18,14 +18,15 @@ class ThroughputCallback(TrainerCallback):
 
     def __init__(self, counter: TokenCounter):
         self.counter = counter
-        self.seconds = 0.0
-        self._step_started = 0.0
+        self.seconds = self.cpu_seconds = 0.0
+        self._started = (0.0, 0.0)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
+        self._started = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.seconds += time.perf_counter() - self._step_started
+        self.seconds += time.perf_counter() - self._started[0]
+        self.cpu_seconds += time.process_time() - self._started[1]  # robust to a busy shared machine
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
@@ -36,4 +37,6 @@ class ThroughputCallback(TrainerCallback):
             "tokens_per_s": round(self.counter.real / self.seconds, 1) if self.seconds else 0.0,
             "padding_efficiency": round(self.counter.padding_efficiency, 4),
             "train_tokens": self.counter.real,
+            "train_step_seconds": round(self.seconds, 2),
+            "train_cpu_seconds": round(self.cpu_seconds, 2),
         }

@@ -19,7 +19,7 @@ from jalora.cache import tokenize_cached
 from jalora.collate import PACKING_EXACT, PackCollator, PadCollator
 from jalora.data import fingerprint, load_records, split_records
 from jalora.errors import UserError, friendly_errors
-from jalora.loss import wants_chunked_ce
+from jalora.loss import supports_supervised_head, wants_chunked_ce
 from jalora.modeling import (
     DEFAULT_BASE_MODEL,
     attach_lora,
@@ -231,6 +231,8 @@ def lean_settings(
     return {
         "packing": exact if packing is None else packing,
         "gradient_checkpointing": quantization != "none" if gradient_checkpointing is None else gradient_checkpointing,
+        # the head on supervised positions only calls the decoder directly: not under DDP
+        "supervised_head": _world_size() == 1 and supports_supervised_head(config),
         "chunked_ce": _world_size() == 1 and wants_chunked_ce(config, chunked_ce),
     }
 
@@ -295,6 +297,7 @@ def _build_trainer(
         eval_dataset=val_set or None,
         data_collator=PackCollator() if lean["packing"] else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        supervised_head=lean["supervised_head"],
         ce_chunk_size=1024 if lean["chunked_ce"] else None,
     )
 

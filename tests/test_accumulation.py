@@ -36,7 +36,7 @@ def lora_model(model_dir):
     return model
 
 
-def one_step(model_dir, examples, tmp_path, micro: int, accumulation: int, packing: bool):
+def one_step(model_dir, examples, tmp_path, micro: int, accumulation: int, packing: bool, supervised_head: bool):
     model = lora_model(model_dir)
     tokenizer = load_tokenizer(resolve_source(str(model_dir)), get_preset("elyza-llama2"))
     trainer = _build_trainer(
@@ -53,7 +53,12 @@ def one_step(model_dir, examples, tmp_path, micro: int, accumulation: int, packi
         warmup_steps=0,
         dtype=torch.float32,
         group_by_length=False,
-        lean={"packing": packing, "gradient_checkpointing": False, "chunked_ce": False},
+        lean={
+            "packing": packing,
+            "gradient_checkpointing": False,
+            "supervised_head": supervised_head,
+            "chunked_ce": False,
+        },
         eval_steps=10,
         save_steps=10,
         logging_steps=1,
@@ -80,15 +85,17 @@ def direct_loss(model_dir, examples) -> float:
     return float(total / count)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_micro_2_by_4_equals_micro_8_by_1(tiny_model_dir, tmp_path, packing):
+@pytest.mark.parametrize(
+    "packing, supervised_head", [(False, False), (True, True)], ids=["padded-model-loss", "packed-supervised-head"]
+)
+def test_micro_2_by_4_equals_micro_8_by_1(tiny_model_dir, tmp_path, packing, supervised_head):
     model_dir = tiny_model_dir("elyza-llama2")
     examples = sample_examples(model_dir, "elyza-llama2", 8, train_on_inputs=False)
     supervised = [sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples]
     assert len(set(supervised)) > 1  # unequal lengths: a per-micro-batch mean would differ
 
-    loss_8, grads_8 = one_step(model_dir, examples, tmp_path, 8, 1, packing)
-    loss_2, grads_2 = one_step(model_dir, examples, tmp_path, 2, 4, packing)
+    loss_8, grads_8 = one_step(model_dir, examples, tmp_path, 8, 1, packing, supervised_head)
+    loss_2, grads_2 = one_step(model_dir, examples, tmp_path, 2, 4, packing, supervised_head)
     assert loss_2 == pytest.approx(loss_8, rel=1e-5)
     assert loss_8 == pytest.approx(direct_loss(model_dir, examples), rel=1e-5)
     assert grads_8 and grads_8.keys() == grads_2.keys()

@@ -62,7 +62,7 @@ def test_finetune_packs_caches_and_records_throughput(tiny_model_dir, tmp_path, 
         out = capsys.readouterr().out
         assert ("(cache)" in out) == (i == 1)
     record = runs[1]
-    assert record["hyperparameters"]["packing"] and record["hyperparameters"]["chunked_ce"]
+    assert all(record["hyperparameters"][k] for k in ("packing", "supervised_head", "chunked_ce"))
     assert not record["hyperparameters"]["gradient_checkpointing"]  # off by default without quantization
     metrics = record["metrics"]
     assert metrics["padding_efficiency"] == 1.0 and metrics["tokens_per_s"] > 0

@@ -37,6 +37,10 @@ def test_chunked_loss_and_grads_equal_full(tiny_model_dir, family, collator):
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-5)
     for name, grad in full_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    unchunked, unchunked_grads = loss_and_grads(lambda: causal_lm_loss(model, batch))
+    torch.testing.assert_close(unchunked, full, atol=1e-6, rtol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(unchunked_grads[name], grad, atol=1e-7, rtol=1e-4, msg=name)
     supervised = int((batch["labels"][..., 1:] != -100).sum())  # the Trainer's num_items_in_batch
     scaled = causal_lm_loss(model, batch, num_items_in_batch=2 * supervised, chunk_size=7)
     torch.testing.assert_close(scaled, full / 2, atol=1e-6, rtol=1e-5)
