@@ -7,6 +7,7 @@ import fire
 from jalora.evaluate import evaluate
 from jalora.export import merge
 from jalora.generation import main as generate
+from jalora.memory import estimate
 from jalora.presets import presets_table
 from jalora.train import finetune
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "merge": merge,
     "presets": presets,
+    "estimate": estimate,
 }
 
 

@@ -1,4 +1,10 @@
-"""Batches for the Trainer: right-padded, with padding masked by position."""
+"""Batches for the Trainer: padded rows, or packed rows with no padding at all.
+
+Both collators mask the first label of every example. A causal LM predicts token i+1 from
+token i, so that label is never a target; masking it keeps the Trainer's count of
+supervised tokens (its loss denominator across accumulation) exact, and in a packed row it
+stops an example's first token from being predicted from the end of the previous one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,31 @@ from dataclasses import dataclass
 import torch
 
 from jalora.data import IGNORE_INDEX
+
+# Model types whose attention builds a block-diagonal causal mask from restarting position ids
+# (transformers' masking_utils), checked in tests/test_packing.py: packing is exact for them.
+PACKING_EXACT = ("llama", "gpt_neox", "qwen2")
+
+
+@dataclass
+class TokenCounter:
+    """Tokens the model was fed (`processed`) and the ones that were real text (`real`)."""
+
+    real: int = 0
+    processed: int = 0
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        mask = batch.get("attention_mask")
+        self.processed += batch["input_ids"].numel()
+        self.real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real / self.processed if self.processed else 1.0
+
+
+def _labels(example: dict) -> list[int]:
+    return [IGNORE_INDEX, *example["labels"][1:]]
 
 
 @dataclass
@@ -23,10 +54,32 @@ class PadCollator:
             n = len(f["input_ids"])
             gap = longest - n
             input_ids.append(f["input_ids"] + [self.pad_token_id] * gap)
-            labels.append(f["labels"] + [IGNORE_INDEX] * gap)
+            labels.append(_labels(f) + [IGNORE_INDEX] * gap)
             attention.append([1] * n + [0] * gap)
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(attention),
+        }
+
+
+@dataclass
+class PackCollator:
+    """Concatenate the micro-batch's examples into one row, with position ids restarting at 0
+    for each example and no attention mask. The model then attends only within an example
+    (a block-diagonal causal mask, or flash attention's variable-length path), so the loss
+    equals unpadded training while no padding token is ever computed."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        input_ids, labels, positions = [], [], []
+        for f in features:
+            input_ids += f["input_ids"]
+            labels += _labels(f)
+            positions += range(len(f["input_ids"]))
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            # a KV cache (use_cache defaults to True, even in training) switches packed-sequence detection off
+            "use_cache": False,
         }

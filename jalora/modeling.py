@@ -251,13 +251,23 @@ def resolve_targets(model, requested: list[str] | str | None, preset: Preset) ->
     return targets
 
 
-def attach_lora(model, target_modules: list[str] | str, r: int, alpha: int, dropout: float, quantized: bool):
+def attach_lora(
+    model,
+    target_modules: list[str] | str,
+    r: int,
+    alpha: int,
+    dropout: float,
+    quantized: bool,
+    gradient_checkpointing: bool = True,
+):
     """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"

@@ -16,10 +16,14 @@ import torch
 from transformers import set_seed
 
 from jalora import __version__
+from jalora.cache import tokenize_cached
 from jalora.card import write_model_card
-from jalora.collate import PadCollator
-from jalora.data import fingerprint, load_records, split_records, tokenize_records
+from jalora.checkpoints import CheckpointingTrainer
+from jalora.collate import PACKING_EXACT, PackCollator, PadCollator
+from jalora.data import fingerprint, load_records, split_records
 from jalora.errors import UserError, friendly_errors
+from jalora.lean_trainer import LeanTrainer
+from jalora.loss import supports_supervised_head, wants_chunked_ce
 from jalora.modeling import (
     DEFAULT_BASE_MODEL,
     attach_lora,
@@ -44,6 +48,13 @@ from jalora.presets import detect_preset, get_preset, presets_table
 from jalora.prompts import Prompter, load_template
 
 log = logging.getLogger(__name__)
+
+
+class JaloraTrainer(CheckpointingTrainer, LeanTrainer):
+    """Whole-or-nothing checkpoints and Ctrl-C saves (checkpoints.py), plus token counting and the
+    loss from supervised positions only (lean_trainer.py)."""
+
+
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
 
 
@@ -80,6 +91,7 @@ def finetune(
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
     group_by_length: bool = False,
+    packing: bool | None = None,
     prompt_template_name: str | None = None,
     system_prompt: str | None = None,
     data_format: str | None = None,
@@ -89,6 +101,8 @@ def finetune(
     bf16: bool | None = None,
     fp16: bool | None = None,
     trust_remote_code: bool = False,
+    gradient_checkpointing: bool | None = None,
+    chunked_ce: bool | None = None,
     # bookkeeping
     resume_from_checkpoint: str | bool | None = None,
     overwrite_output_dir: bool = False,
@@ -107,6 +121,10 @@ def finetune(
     fit small Japanese datasets). Warmup is capped at a tenth of the run so short runs learn.
     Checkpoints (every save_steps and each epoch end, and on Ctrl-C) resume exactly with
     --resume_from_checkpoint PATH or True (the latest in output_dir). Returns the run record.
+    Speed and memory (docs/training.md): `packing` puts a micro-batch's examples in one row
+    with no padding (default on where it is exact); `gradient_checkpointing` defaults to on
+    for 8/4-bit training; `chunked_ce` (default on for vocabularies of 64k+) never builds the
+    full logits. Tokenized data is cached (JALORA_CACHE_DIR). Returns the run record.
     """
     if preset == "list":
         print(presets_table())
@@ -126,8 +144,10 @@ def finetune(
 
     tokenizer = load_tokenizer(source, the_preset, trust_remote_code)
     prompter = Prompter(template, tokenizer, the_preset, system_prompt)
-    train_set, stats = tokenize_records(train_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
-    val_set, _ = tokenize_records(val_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
+    started = time.time()
+    train_set, stats, hit = tokenize_cached(train_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
+    val_set, _, _ = tokenize_cached(val_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
+    print(f"tokenized {len(train_set) + len(val_set)} examples in {time.time() - started:.1f}s" + (" (cache)" * hit))
     if not train_set:
         raise UserError(f"{data_path}: every record is longer than --cutoff_len {cutoff_len} in its prompt alone")
     if stats.truncated or stats.dropped:
@@ -149,9 +169,18 @@ def finetune(
     dtype = compute_dtype(bf16, fp16)
     model = load_model(source, quantization, dtype, trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
+    lean = lean_settings(model.config, quantization, packing, gradient_checkpointing, chunked_ce)
     targets = resolve_targets(model, lora_target_modules, the_preset)
     set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter
-    model = attach_lora(model, targets, lora_r, lora_alpha, lora_dropout, quantized=quantization != "none")
+    model = attach_lora(
+        model,
+        targets,
+        lora_r,
+        lora_alpha,
+        lora_dropout,
+        quantized=quantization != "none",
+        gradient_checkpointing=lean["gradient_checkpointing"],
+    )
     model.print_trainable_parameters()
 
     trainer = _build_trainer(
@@ -169,6 +198,7 @@ def finetune(
         warmup_steps=warmup_steps,
         dtype=dtype,
         group_by_length=group_by_length,
+        lean=lean,
         eval_steps=eval_steps,
         save_steps=save_steps,
         logging_steps=logging_steps,
@@ -184,6 +214,7 @@ def finetune(
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
+    metrics |= trainer.throughput.summary()
     if val_set:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         print(f"held-out loss after training: {metrics['eval_loss']:.4f}")
@@ -209,6 +240,7 @@ def finetune(
             "warmup_steps": trainer.args.warmup_steps,
             "seed": seed,
             "dtype": str(dtype).removeprefix("torch."),
+            **lean,
         },
         "data": {
             "path": data_path,
@@ -224,6 +256,25 @@ def finetune(
     if trainer.is_world_process_zero():
         save_run(model, tokenizer, record, Path(output_dir))
     return record
+
+
+def lean_settings(
+    config, quantization: str, packing: bool | None, gradient_checkpointing: bool | None, chunked_ce: bool | None
+) -> dict:
+    """Resolve the speed/memory flags: None means the default for this model and quantization."""
+    exact = config.model_type in PACKING_EXACT
+    if packing and not exact:
+        raise UserError(
+            f"--packing is exact only for model types {', '.join(PACKING_EXACT)} (this is {config.model_type}); "
+            "pass --packing False or --group_by_length True"
+        )
+    return {
+        "packing": exact if packing is None else packing,
+        "gradient_checkpointing": quantization != "none" if gradient_checkpointing is None else gradient_checkpointing,
+        # the head on supervised positions only calls the decoder directly: not under DDP
+        "supervised_head": _world_size() == 1 and supports_supervised_head(config),
+        "chunked_ce": _world_size() == 1 and wants_chunked_ce(config, chunked_ce),
+    }
 
 
 def _world_size() -> int:
@@ -243,6 +294,7 @@ def _build_trainer(
     warmup_steps,
     dtype,
     group_by_length,
+    lean,
     eval_steps,
     save_steps,
     logging_steps,
@@ -251,7 +303,6 @@ def _build_trainer(
 ):
     from transformers import TrainingArguments
 
-    from jalora.checkpoints import CheckpointingTrainer
     from jalora.nan_guard import StopOnNonFiniteLoss
 
     examples_per_step = micro_batch_size * kwargs["gradient_accumulation_steps"] * _world_size()
@@ -277,17 +328,21 @@ def _build_trainer(
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False if _world_size() > 1 else None,
         disable_tqdm=False,
+        gradient_checkpointing=lean["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         **kwargs,
     )
-    return CheckpointingTrainer(
+    return JaloraTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackCollator() if lean["packing"] else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[StopOnNonFiniteLoss()],
         run_info=run_info,
+        supervised_head=lean["supervised_head"],
+        ce_chunk_size=1024 if lean["chunked_ce"] else None,
     )
 
 

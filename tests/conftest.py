@@ -29,3 +29,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenization_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tokenization cache of every test run (subprocesses included) out of ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("tokenized")
+    os.environ["JALORA_CACHE_DIR"] = str(folder)
+    return folder

@@ -1,0 +1,245 @@
+"""Training throughput: jalora's defaults against the plain alpaca-lora recipe, in one process.
+
+Same model (a ~28M-parameter Llama built from config with SmolLM2's tokenizer, or SmolLM2-135M
+itself with --real), same records (data/dolly_ja_sample.jsonl), same LoRA, batch sizes, seed
+and step count. Prints real tokens/s of each and their ratio, padding efficiency, peak RSS
+during each run, the final training loss, and both adapters' loss on held-out data.
+
+    PYTHONPATH=. python bench/train_throughput.py [--examples 128] [--real]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fire
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_recipe import PadToLongest, tokenize_per_example  # noqa: E402
+
+from jalora.collate import TokenCounter  # noqa: E402
+from jalora.data import IGNORE_INDEX, load_records  # noqa: E402
+from jalora.modeling import load_model, load_tokenizer, resolve_source  # noqa: E402
+from jalora.presets import get_preset  # noqa: E402
+from jalora.progress import ThroughputCallback  # noqa: E402
+from jalora.prompts import Prompter, load_template  # noqa: E402
+from jalora.train import finetune  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PeakRSS:
+    """Peak resident memory above the level at start, sampled every 10 ms in a thread."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def build_model_dir(real: bool, out: Path) -> Path:
+    """A saved model + tokenizer folder: SmolLM2-135M, or a Llama of ~28M parameters built from config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    preset = get_preset("smollm2")
+    tokenizer = load_tokenizer(resolve_source("smollm2"), preset)
+    if real:
+        gguf = load_model(resolve_source("smollm2"))
+        config = gguf.config
+        vars(config).pop("quantization_config", None)  # a GGUF model cannot be saved as is
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(gguf.state_dict())
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+    """HF Trainer + peft, per-example tokenization, pad to longest, random order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    preset = get_preset("smollm2")
+    tokenizer = load_tokenizer(resolve_source(str(model_dir)), preset)
+    prompter = Prompter(load_template(preset.template), tokenizer, preset)
+    train_set = tokenize_per_example(load_records(train_path), prompter, cutoff)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    counter = TokenCounter()
+    throughput = ThroughputCallback(counter)  # the same instrument finetune() uses
+    pad = PadToLongest(tokenizer.pad_token_id)
+
+    def counting_collator(features):
+        batch_ = pad(features)
+        counter.add(batch_)
+        return batch_
+
+    steps = math.ceil(len(train_set) / batch)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_train_epochs=1,
+        learning_rate=lr,
+        warmup_steps=steps // 10,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, data_collator=counting_collator, callbacks=[throughput]
+    )
+    result = trainer.train()
+    return model, {
+        **_rates(throughput.summary()),
+        "padding_efficiency": counter.padding_efficiency,
+        "train_loss": result.training_loss,
+    }
+
+
+def _rates(summary: dict) -> dict:
+    return {
+        "real_tokens": summary["train_tokens"],
+        "step_s": summary["train_step_seconds"],
+        "tokens_per_s": summary["train_tokens"] / summary["train_step_seconds"],
+        "tokens_per_cpu_s": summary["train_tokens"] / summary["train_cpu_seconds"],
+    }
+
+
+def jalora_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+    """jalora's finetune() with its defaults (packing, cached batched tokenization)."""
+    record = finetune(
+        base_model=str(model_dir),
+        preset="smollm2",
+        data_path=train_path,
+        output_dir=str(out),
+        batch_size=batch,
+        micro_batch_size=micro,
+        num_epochs=1,
+        learning_rate=lr,
+        cutoff_len=cutoff,
+        val_set_size=0,
+        lora_target_modules=TARGETS,
+        logging_steps=1,
+        seed=seed,
+    )
+    metrics = record["metrics"]
+    return {
+        **_rates(metrics),
+        "padding_efficiency": metrics["padding_efficiency"],
+        "train_loss": metrics["train_loss"],
+    }
+
+
+def heldout_loss(model, prompter: Prompter, n: int = 24, cutoff: int = 512) -> float:
+    """Token-mean answer loss on held-out records, example by example (no padding, no packing)."""
+    from jalora.data import tokenize_records
+
+    examples, _ = tokenize_records(load_records(str(DATA / "dolly_ja_heldout.jsonl"))[:n], prompter, cutoff)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+            targets = torch.tensor(e["labels"][1:])
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def main(
+    examples: int = 128, real: bool = False, cutoff_len: int = 512, micro_batch_size: int = 4, batch_size: int = 16
+):
+    """Run both recipes on the first `examples` sample records and print the comparison."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work = Path(tempfile.mkdtemp(prefix="jalora-bench-"))
+    os.environ.setdefault("JALORA_CACHE_DIR", str(work / "cache"))
+    model_dir = build_model_dir(real, work / "model")
+    records = [line for line in (DATA / "dolly_ja_sample.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    train_path = work / "train.jsonl"
+    train_path.write_text("\n".join(records[:examples]) + "\n", encoding="utf-8")
+    common = dict(cutoff=cutoff_len, micro=micro_batch_size, batch=batch_size, lr=3e-4, seed=42)
+    print(f"load average before: {psutil.getloadavg()}, threads: {torch.get_num_threads()}")
+
+    warm_path = work / "warm.jsonl"  # one unmeasured step each first: one-time allocations and imports
+    warm_path.write_text("\n".join(records[-micro_batch_size:]) + "\n", encoding="utf-8")
+    warm = dict(common, batch=micro_batch_size)
+    plain_run(model_dir, str(warm_path), work / "warm-plain", **warm)
+    jalora_run(model_dir, str(warm_path), work / "warm-jalora", **warm)
+    with PeakRSS() as plain_rss:
+        plain_model, plain = plain_run(model_dir, str(train_path), work / "plain", **common)
+    with PeakRSS() as lean_rss:
+        lean = jalora_run(model_dir, str(train_path), work / "jalora", **common)
+    plain["peak_rss_mb"], lean["peak_rss_mb"] = plain_rss.mb, lean_rss.mb
+
+    preset = get_preset("smollm2")
+    prompter = Prompter(load_template(preset.template), load_tokenizer(resolve_source(str(model_dir)), preset), preset)
+    plain["heldout_loss"] = heldout_loss(plain_model, prompter, cutoff=cutoff_len)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    lean["heldout_loss"] = heldout_loss(
+        PeftModel.from_pretrained(base, str(work / "jalora")), prompter, cutoff=cutoff_len
+    )
+    print(f"load average after: {psutil.getloadavg()}")
+
+    model_name = "SmolLM2-135M" if real else f"Llama-shaped {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M"
+    print(
+        f"\n{model_name}, {examples} records, cutoff {cutoff_len}, micro-batch {micro_batch_size}, batch {batch_size}"
+    )
+    keys = ["real_tokens", "step_s", "tokens_per_s", "tokens_per_cpu_s", "padding_efficiency", "peak_rss_mb"]
+    keys += ["train_loss", "heldout_loss"]
+    print(f"{'':<20}{'plain':>12}{'jalora':>12}{'ratio':>10}")
+    for k in keys:
+        ratio = lean[k] / plain[k] if plain[k] else float("nan")
+        print(f"{k:<20}{plain[k]:>12.4g}{lean[k]:>12.4g}{ratio:>10.3f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,32 @@
+"""The HF Trainer with two additions: it counts the tokens it trains on, and it can compute
+the loss from supervised positions only, optionally in chunks (jalora/loss.py), instead of
+materialising logits for every token.
+
+Gradient accumulation stays the Trainer's own: it passes `num_items_in_batch` (supervised
+tokens in the whole accumulated batch) to every micro-batch's loss, which makes micro-batch
+2 × 4 steps equal to micro-batch 8 × 1 (tests/test_accumulation.py).
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from jalora.collate import TokenCounter
+from jalora.loss import causal_lm_loss
+from jalora.progress import ThroughputCallback
+
+
+class LeanTrainer(Trainer):
+    def __init__(self, *args, supervised_head: bool = False, ce_chunk_size: int | None = None, **kwargs):
+        self.counter = TokenCounter()
+        self.throughput = ThroughputCallback(self.counter)  # before the progress bar, which prints its figures
+        self.supervised_head = supervised_head
+        self.ce_chunk_size = ce_chunk_size
+        super().__init__(*args, callbacks=[self.throughput, *(kwargs.pop("callbacks", None) or [])], **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.counter.add(inputs)
+        if not self.supervised_head or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return causal_lm_loss(self.model, inputs, num_items_in_batch, self.ce_chunk_size)

@@ -1,0 +1,79 @@
+"""Packing is exact: a packed row gives each example the logits it gets alone, and the same loss
+as padded batches; collators keep the Trainer's supervised-token count right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jalora.collate import PACKING_EXACT, PackCollator, PadCollator, TokenCounter
+from jalora.data import IGNORE_INDEX, load_records, tokenize_records
+from jalora.modeling import load_model, load_tokenizer, resolve_source
+from jalora.presets import get_preset
+from jalora.prompts import Prompter, load_template
+from jalora.train import SAMPLE_DATA
+
+FAMILIES = {"elyza-llama2": "llama", "open-calm": "gpt_neox", "qwen2.5": "qwen2"}
+
+
+def sample_examples(model_dir, family: str, n: int, train_on_inputs: bool) -> list[dict]:
+    preset = get_preset(family)
+    tokenizer = load_tokenizer(resolve_source(str(model_dir)), preset)
+    prompter = Prompter(load_template(preset.template), tokenizer, preset)
+    examples, _ = tokenize_records(load_records(str(SAMPLE_DATA))[:n], prompter, 256, train_on_inputs)
+    return examples
+
+
+def test_packing_exact_list_matches_tested_families():
+    assert set(FAMILIES.values()) == set(PACKING_EXACT)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_logits_and_loss_equal_unpacked(tiny_model_dir, family, attn):
+    model_dir = tiny_model_dir(family)
+    model = load_model(resolve_source(str(model_dir))).eval()
+    model.config._attn_implementation = attn
+    assert model.config.model_type == FAMILIES[family]
+    examples = sample_examples(model_dir, family, 5, train_on_inputs=True)
+    packed = PackCollator()(examples)
+    padded = PadCollator(pad_token_id=0)(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    with torch.no_grad():
+        packed_out = model(**packed)
+        padded_out = model(**padded)
+        start = 0
+        for e in examples:
+            n = len(e["input_ids"])
+            alone = model(torch.tensor([e["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed_out.logits[0, start : start + n], alone, atol=1e-5, rtol=1e-4)
+            start += n
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-6, rtol=1e-5)
+    # and independently: the mean over examples' own next-token losses, weighted by their targets
+    total, count = 0.0, 0
+    for e in examples:
+        ids = torch.tensor([e["input_ids"]])
+        logits = model(ids).logits[0, :-1]
+        targets = torch.tensor(e["labels"][1:])
+        total += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((targets != IGNORE_INDEX).sum())
+    torch.testing.assert_close(packed_out.loss, total / count, atol=1e-6, rtol=1e-5)
+
+
+def test_collators_mask_first_label_and_count_tokens():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+        {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]},
+    ]
+    packed = PackCollator()(examples)
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert "attention_mask" not in packed and packed["use_cache"] is False  # either would switch packing off
+    padded = PadCollator(pad_token_id=0)(examples)
+    assert padded["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
+    counter = TokenCounter()
+    counter.add(padded)
+    assert (counter.real, counter.processed) == (5, 6)
+    counter.add(packed)
+    assert (counter.real, counter.processed) == (10, 11)
+    assert counter.padding_efficiency == pytest.approx(10 / 11)
