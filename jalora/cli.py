@@ -7,6 +7,7 @@ import fire
 from jalora.generation import main as generate
 from jalora.presets import presets_table
 from jalora.train import finetune
+from jalora.ui import ui
 
 
 def presets() -> None:
@@ -18,6 +19,7 @@ COMMANDS = {
     "finetune": finetune,
     "generate": generate,
     "presets": presets,
+    "ui": ui,
 }
 
 

@@ -44,8 +44,11 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     penalty_exempt: str = DEFAULT_EXEMPT
-    stop: Sequence[str] = ()
+    stop: str | Sequence[str] | None = ()
     prompt_lookup_num_tokens: int | None = None
+
+    def __post_init__(self):
+        self.stop = parse_stops(self.stop)
 
     def sampling_on(self) -> bool:
         """Sampling is on exactly when asked for, or when a temperature above 0 is set."""
@@ -159,7 +162,6 @@ class Generator:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.model.device)
         attention = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        stops = parse_stops(sampling.stop)
         extra = {"assistant_model": self.assistant} if self.assistant is not None else {}
         out = self.model.generate(
             input_ids=input_ids,
@@ -167,7 +169,9 @@ class Generator:
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
             logits_processor=sampling.penalties(preset).processors(self.tokenizer, longest),
-            stopping_criteria=StoppingCriteriaList([StopOnStrings(stops, longest, self.text_of)] if stops else []),
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnStrings(sampling.stop, longest, self.text_of)] if sampling.stop else []
+            ),
             streamer=streamer,
             **extra,
             **sampling.to_kwargs(preset),
@@ -175,15 +179,15 @@ class Generator:
         return [until_eos(row, self.eos_ids) for row in out[:, longest:].tolist()]
 
     def text_of(self, ids: list[int]) -> str:
-        """Answer text of generated ids (up to the first eos)."""
-        return self.prompter.decode(until_eos(ids, self.eos_ids))
+        """Answer text of generated ids (up to the first eos), without a last character that
+        max_new_tokens cut in half (it would show as U+FFFD)."""
+        return self.prompter.decode(until_eos(ids, self.eos_ids)).rstrip("\ufffd")
 
     # --- text -----------------------------------------------------------------------------
     def complete(self, prompt_texts: list[str], sampling: Sampling) -> list[str]:
         """Answers for rendered prompts, each cut before its first stop string."""
-        stops = parse_stops(sampling.stop)
         ids = self.generate_ids(self.prompter.encode(prompt_texts), sampling)
-        return [cut_at_stop(self.text_of(row), stops) for row in ids]
+        return [cut_at_stop(self.text_of(row), sampling.stop) for row in ids]
 
     def answer(self, instructions: list[tuple[str, str]], sampling: Sampling) -> list[str]:
         """Answers for (instruction, input) pairs."""
@@ -194,7 +198,7 @@ class Generator:
         if sampling.num_beams > 1:
             raise UserError("--stream shows one sequence as it grows; it cannot be combined with --num_beams > 1")
         ids = self.prompter.encode([prompt_text])
-        text = IncrementalText(self.text_of, parse_stops(sampling.stop))
+        text = IncrementalText(self.text_of, sampling.stop)
         yield from stream_pieces(lambda streamer: self.generate_ids(ids, sampling, streamer), text)
 
     @contextmanager
@@ -305,9 +309,13 @@ def main(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         penalty_exempt=str(penalty_exempt or ""),
-        stop=parse_stops(stop),
+        stop=stop,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens,
     )
+    if interactive and compare:
+        raise UserError("--compare works with --prompt or --input_file, not --interactive")
+    if input_file and stream:
+        raise UserError("--stream prints one answer as it grows; batch files show a progress bar instead")
     if compare and not lora_weights:
         raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
     generator = Generator.load(

@@ -15,13 +15,16 @@ from jalora.errors import UserError
 
 
 def parse_stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    """--stop as one string or a list of strings (fire turns `["a","b"]` into a list)."""
+    """--stop as one string or a list of strings (fire turns `["a","b"]` into a list).
+
+    A typed `\\n` or `\\t` means a newline or tab: shells pass `--stop "\\n"` as two characters.
+    """
     if stop is None or stop == "":
         return ()
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stops):
         raise UserError(f"--stop takes non-empty strings, got {stop!r}")
-    return stops
+    return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stops)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -90,7 +90,8 @@ def test_streaming_reassembles_to_the_non_streaming_answer(generators, family):
     gen = generators(family)
     prompt_text = gen.prompter.render(*PROMPTS[1])
     with_stop = greedy(max_new_tokens=40, frequency_penalty=0.5, stop=("。",))
-    for sampling in (greedy(max_new_tokens=40, generated_only_penalty=1.5), with_stop):
+    looked_up = greedy(max_new_tokens=40, generated_only_penalty=1.5, prompt_lookup_num_tokens=4)
+    for sampling in (greedy(max_new_tokens=40, generated_only_penalty=1.5), with_stop, looked_up):
         pieces = list(gen.stream(prompt_text, sampling))
         assert "".join(pieces) == gen.complete([prompt_text], sampling)[0]
         assert len(pieces) > 1
@@ -207,3 +208,45 @@ def test_chat_loop_is_single_turn_for_alpaca_templates(generators, monkeypatch, 
     seen, out = drive_chat(gen, ["こんにちは", "東京は？"], monkeypatch, capsys)  # ends at end of input
     assert out.startswith("chat: single-turn (alpaca_ja template)")
     assert seen == [gen.prompter.render("こんにちは"), gen.prompter.render("東京は？")]
+
+
+def test_web_demo_streams_the_cli_answer_and_reports_without_gradio(generators):
+    from jalora.repetition_score import format_report, repetition_report
+    from jalora.ui import answer_stream
+
+    gen = generators("open-calm")
+    steps = list(answer_stream(gen, *PROMPTS[1], max_new_tokens=20, generated_only_penalty=1.2, stop="。\n###"))
+    expected = gen.answer([PROMPTS[1]], greedy(max_new_tokens=20, generated_only_penalty=1.2, stop=("。", "###")))[0]
+    assert steps[-1] == (expected, format_report(repetition_report(expected)))
+    assert all(expected.startswith(text) for text, _ in steps)
+
+
+def test_jalora_ui_without_gradio_says_how_to_install(capsys):
+    import importlib.util
+
+    from jalora.cli import COMMANDS
+
+    if importlib.util.find_spec("gradio") is not None:
+        pytest.skip("gradio is installed; this checks the message shown without it")
+    with pytest.raises(SystemExit) as stopped:
+        COMMANDS["ui"](base_model="unused")
+    assert stopped.value.code == 2 and "pip install -e '.[ui]'" in capsys.readouterr().err
+
+
+def test_generate_interactive_reads_stdin_and_reports(tiny_model_dir, tmp_path):
+    """The real command line: chat from piped stdin, --report figures on stderr, clean exit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / "generate.py"), f"--base_model={tiny_model_dir('qwen2.5')}", "--interactive",
+         "--max_new_tokens=6", "--frequency_penalty=1.0", "--report", "--stop=。"],
+        input="こんにちは\n/reset\n東京は？\n/exit\n", capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("chat: keeps the history") and "(history cleared)" in done.stdout
+    assert done.stderr.count("[report] repeated 3-grams") == 2

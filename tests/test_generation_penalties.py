@@ -94,6 +94,7 @@ def test_repetition_scores_by_hand():
 def test_stop_string_helpers():
     assert parse_stops("### 指示") == ("### 指示",)
     assert parse_stops(["a", "b"]) == ("a", "b") and parse_stops(None) == ()
+    assert parse_stops("\\n") == ("\n",)  # what a shell passes for --stop "\n"
     assert cut_at_stop("答え。\n### 指示: 次", ("### 指示", "次")) == "答え。\n"
     assert partial_stop_length("答え。##", ("### 指示",)) == 2
     assert partial_stop_length("答え。", ("### 指示",)) == 0
