@@ -12,7 +12,9 @@ For a token id t with logit l (before temperature / top-k / top-p):
 - `generated_only`  the same rule, but only for t that occur in the answer so far
 - `frequency` f and `presence` q (OpenAI's additive rule), with c_t the count of t in the
                     answer so far: l -> l - f * c_t - q * (c_t > 0)
-Exempt tokens (whose text is made only of exempt characters) keep their logit under all four.
+Exempt tokens (whose text is made only of exempt characters) keep their logit under the three
+answer penalties. `repetition` stays exactly transformers' rule (no exemptions), so existing
+settings such as a preset's repetition_penalty 1.1 behave as they always did.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Penalties:
             return processors
         exempt = exempt_token_ids(tokenizer, self.exempt)
         if self.repetition != 1.0:
-            processors.append(RepetitionPenalty(self.repetition, 0, exempt))
+            processors.append(RepetitionPenalty(self.repetition, 0))
         if self.generated_only != 1.0:
             processors.append(RepetitionPenalty(self.generated_only, prompt_length, exempt))
         if self.frequency or self.presence:
