@@ -10,6 +10,7 @@ from jalora.generation import main as generate
 from jalora.memory import estimate
 from jalora.presets import presets_table
 from jalora.train import finetune
+from jalora.ui import ui
 
 
 def presets() -> None:
@@ -24,6 +25,7 @@ COMMANDS = {
     "merge": merge,
     "presets": presets,
     "estimate": estimate,
+    "ui": ui,
 }
 
 

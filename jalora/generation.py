@@ -2,30 +2,31 @@
 
 `main()` is the command line of generate.py. The run record in the adapter folder names
 the base model, preset, template and system prompt, so generation renders the prompt the
-way training did unless the user overrides it.
+way training did unless the user overrides it. Repetition controls live in penalties.py,
+stop strings in stop_strings.py, streaming in streaming.py, the chat loop in chat.py and
+batch files in batch_answers.py; this module wires them into one generate() call.
 """
 
 from __future__ import annotations
 
-import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from transformers import StoppingCriteriaList
 
 from jalora.errors import UserError, friendly_errors
-from jalora.modeling import (
-    DEFAULT_BASE_MODEL,
-    compute_dtype,
-    load_config,
-    load_model,
-    load_tokenizer,
-    resolve_source,
-)
-from jalora.outputs import read_run_record, write_atomic
+from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_config, load_model, load_tokenizer, resolve_source
+from jalora.outputs import read_run_record
+from jalora.penalties import DEFAULT_EXEMPT, Penalties
 from jalora.preflight import check_adapter_fits, check_base_matches
 from jalora.presets import Preset, get_preset
 from jalora.prompts import Prompter, load_template
+from jalora.repetition_score import format_report, repetition_report
+from jalora.stop_strings import StopOnStrings, cut_at_stop, parse_stops
+from jalora.streaming import IncrementalText, stream_pieces
 
 
 @dataclass
@@ -40,6 +41,15 @@ class Sampling:
     num_beams: int = 1
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int = 0
+    generated_only_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_exempt: str = DEFAULT_EXEMPT
+    stop: str | Sequence[str] | None = ()
+    prompt_lookup_num_tokens: int | None = None
+
+    def __post_init__(self):
+        self.stop = parse_stops(self.stop)
 
     def sampling_on(self) -> bool:
         """Sampling is on exactly when asked for, or when a temperature above 0 is set."""
@@ -61,23 +71,45 @@ class Sampling:
             "max_new_tokens": self.max_new_tokens,
             "do_sample": sampling,
             "num_beams": self.num_beams,
-            "repetition_penalty": self.repetition_penalty or defaults.get("repetition_penalty", 1.0),
             "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }
+        if self.prompt_lookup_num_tokens:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
         if sampling:
             kwargs["temperature"] = self.temperature or defaults.get("temperature", 0.7)
             kwargs["top_p"] = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
             kwargs["top_k"] = self.top_k if self.top_k is not None else defaults.get("top_k", 0)
         return kwargs
 
+    def penalties(self, preset: Preset) -> Penalties:
+        """The repetition controls; repetition_penalty defaults to the preset's recommendation."""
+        return Penalties(
+            repetition=self.repetition_penalty or preset.generation.get("repetition_penalty", 1.0),
+            generated_only=self.generated_only_penalty,
+            frequency=self.frequency_penalty,
+            presence=self.presence_penalty,
+            exempt=self.penalty_exempt,
+        )
+
+    def check(self, preset: Preset) -> None:
+        """Fail on contradictory flags before any generation starts."""
+        self.to_kwargs(preset)
+        self.penalties(preset)
+
+
+def until_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
+    return ids[: next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))]
+
 
 class Generator:
-    """A loaded model (with adapter, if any), its tokenizer and the prompter used in training."""
+    """A loaded model (with adapter, if any), its tokenizer, the prompter used in training and
+    optionally a small draft model for assisted decoding."""
 
-    def __init__(self, model, tokenizer, prompter: Prompter):
+    def __init__(self, model, tokenizer, prompter: Prompter, assistant=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompter = prompter
+        self.assistant = assistant
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos})
@@ -92,6 +124,7 @@ class Generator:
         system_prompt: str | None = None,
         quantization: str | None = None,
         trust_remote_code: bool = False,
+        assistant_model: str | None = None,
     ) -> Generator:
         """Base model and prompt format from the adapter's run record; arguments override it."""
         from peft import PeftModel
@@ -115,53 +148,110 @@ class Generator:
         if lora_weights:
             check_adapter_fits(lora_weights, model)
             model = PeftModel.from_pretrained(model, lora_weights)
-        return cls(model, tokenizer, prompter)
+        assistant = load_assistant(assistant_model, tokenizer, trust_remote_code) if assistant_model else None
+        return cls(model, tokenizer, prompter, assistant)
 
+    # --- ids ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
-        """Generated ids per prompt (left-padded batch), cut at the prompt length and the first eos."""
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, streamer=None) -> list[list[int]]:
+        """Generated ids per prompt (left-padded batch), cut at the prompt length and the first eos.
+
+        Assisted decoding (prompt lookup, draft model) works one sequence at a time in
+        transformers, so such batches are split into single prompts here.
+        """
+        if len(prompts) > 1 and (self.assistant is not None or sampling.prompt_lookup_num_tokens):
+            return [self.generate_ids([p], sampling)[0] for p in prompts]
+        preset = self.prompter.preset
         longest = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=self.model.device)
         attention = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        extra = {"assistant_model": self.assistant} if self.assistant is not None else {}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
-            **sampling.to_kwargs(self.prompter.preset),
+            logits_processor=sampling.penalties(preset).processors(self.tokenizer, longest),
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnStrings(sampling.stop, longest, self.text_of)] if sampling.stop else []
+            ),
+            streamer=streamer,
+            **extra,
+            **sampling.to_kwargs(preset),
         )
-        answers = []
-        for row in out[:, longest:].tolist():
-            end = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            answers.append(row[:end])
-        return answers
+        return [until_eos(row, self.eos_ids) for row in out[:, longest:].tolist()]
+
+    def text_of(self, ids: list[int]) -> str:
+        """Answer text of generated ids (up to the first eos), without a last character that
+        max_new_tokens cut in half (it would show as U+FFFD)."""
+        return self.prompter.decode(until_eos(ids, self.eos_ids)).rstrip("\ufffd")
+
+    # --- text -----------------------------------------------------------------------------
+    def complete(self, prompt_texts: list[str], sampling: Sampling) -> list[str]:
+        """Answers for rendered prompts, each cut before its first stop string."""
+        ids = self.generate_ids(self.prompter.encode(prompt_texts), sampling)
+        return [cut_at_stop(self.text_of(row), sampling.stop) for row in ids]
 
     def answer(self, instructions: list[tuple[str, str]], sampling: Sampling) -> list[str]:
         """Answers for (instruction, input) pairs."""
-        prompts = self.prompter.encode([self.prompter.render(i, x) for i, x in instructions])
-        return [self.prompter.decode(ids) for ids in self.generate_ids(prompts, sampling)]
+        return self.complete([self.prompter.render(i, x) for i, x in instructions], sampling)
+
+    def stream(self, prompt_text: str, sampling: Sampling) -> Iterator[str]:
+        """The answer to one rendered prompt, in printable pieces that join to `complete`'s text."""
+        if sampling.num_beams > 1:
+            raise UserError("--stream shows one sequence as it grows; it cannot be combined with --num_beams > 1")
+        ids = self.prompter.encode([prompt_text])
+        text = IncrementalText(self.text_of, sampling.stop)
+        yield from stream_pieces(lambda streamer: self.generate_ids(ids, sampling, streamer), text)
+
+    @contextmanager
+    def adapter_disabled(self):
+        """The base model's own answers (for --compare): the LoRA layers switched off for a while."""
+        if not hasattr(self.model, "disable_adapter"):
+            raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
+        with self.model.disable_adapter():
+            yield
 
 
-def _answer_file(generator: Generator, input_file: str, output_file: str, sampling: Sampling, batch_size: int) -> None:
-    """Add a `response` field to every record of a JSONL/JSON file, keeping its other fields."""
-    from jalora.data import iter_rows
+def load_assistant(name: str, tokenizer, trust_remote_code: bool = False):
+    """A draft model for assisted decoding; it must share the main model's tokenizer."""
+    from transformers import AutoTokenizer
 
-    path = Path(input_file)
-    if not path.is_file():
-        raise UserError(f"{input_file}: input file not found")
-    rows = []
-    for where, row in iter_rows(path):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise UserError(f"{where}: field 'instruction' is missing or not a string")
-        rows.append(row)
-    lines = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        answers = generator.answer([(r["instruction"], str(r.get("input") or "")) for r in chunk], sampling)
-        lines += [json.dumps({**row, "response": a}, ensure_ascii=False) for row, a in zip(chunk, answers)]
-    write_atomic(Path(output_file), ("\n".join(lines) + "\n").encode("utf-8"))
-    print(f"wrote {len(lines)} answers to {output_file}")
+    source = resolve_source(name)
+    draft_tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"--assistant_model {name}: its tokenizer differs from the main model's; a draft model must share "
+            "the vocabulary (e.g. a smaller model of the same family)"
+        )
+    return load_model(source, "none", compute_dtype(), trust_remote_code).eval()
+
+
+def show_answer(generator: Generator, prompt_text: str, sampling: Sampling, stream: bool, report: bool) -> str:
+    """Print the answer to one prompt (as it grows, with --stream) and, with --report, its scores."""
+    if stream:
+        pieces = []
+        for piece in generator.stream(prompt_text, sampling):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        text = "".join(pieces)
+    else:
+        text = generator.complete([prompt_text], sampling)[0]
+        print(text)
+    if report:
+        print(f"[report] {format_report(repetition_report(text))}", file=sys.stderr, flush=True)
+    return text
+
+
+def _compare(generator: Generator, prompt_text: str, sampling: Sampling, stream: bool, report: bool) -> None:
+    """Base model and adapter answers to the same prompt, one after the other, labelled."""
+    with generator.adapter_disabled():
+        print("=== base model ===")
+        show_answer(generator, prompt_text, sampling, stream, report)
+    print("=== with adapter ===")
+    show_answer(generator, prompt_text, sampling, stream, report)
 
 
 @friendly_errors
@@ -173,6 +263,10 @@ def main(
     input_file: str | None = None,
     output_file: str | None = None,
     batch_size: int = 8,
+    interactive: bool = False,
+    stream: bool = False,
+    report: bool = False,
+    compare: bool = False,
     preset: str | None = None,
     prompt_template_name: str | None = None,
     system_prompt: str | None = None,
@@ -184,27 +278,72 @@ def main(
     do_sample: bool | None = None,
     num_beams: int = 1,
     repetition_penalty: float | None = None,
+    generated_only_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    penalty_exempt: str = DEFAULT_EXEMPT,
     no_repeat_ngram_size: int = 0,
+    stop: str | list[str] | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    assistant_model: str | None = None,
     trust_remote_code: bool = False,
 ) -> None:
-    """Answer one instruction (--prompt, optional --input) or every record of --input_file.
+    """Answer one instruction (--prompt, optional --input), every record of --input_file, or chat (--interactive).
 
     Decoding is greedy unless --do_sample True or --temperature > 0; --top_p/--top_k
     without sampling are an error rather than silently ignored. repetition_penalty defaults
-    to the preset's recommendation.
+    to the preset's recommendation. See docs/generation.md for every flag.
     """
-    if (prompt is None) == (input_file is None):
-        raise UserError("give either --prompt or --input_file (with --output_file)")
+    if sum((prompt is not None, input_file is not None, bool(interactive))) != 1:
+        raise UserError("give one of --prompt, --input_file (with --output_file) or --interactive")
     if input_file and not output_file:
         raise UserError("--input_file needs --output_file")
+    if batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
     sampling = Sampling(
-        max_new_tokens, temperature, top_p, top_k, do_sample, num_beams, repetition_penalty, no_repeat_ngram_size
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        do_sample=do_sample,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        generated_only_penalty=generated_only_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        penalty_exempt=str(penalty_exempt or ""),
+        stop=stop,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens,
     )
+    if interactive and compare:
+        raise UserError("--compare works with --prompt or --input_file, not --interactive")
+    if input_file and stream:
+        raise UserError("--stream prints one answer as it grows; batch files show a progress bar instead")
+    if compare and not lora_weights:
+        raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
     generator = Generator.load(
-        lora_weights, base_model, preset, prompt_template_name, system_prompt, quantization, trust_remote_code
+        lora_weights,
+        base_model,
+        preset,
+        prompt_template_name,
+        system_prompt,
+        quantization,
+        trust_remote_code,
+        assistant_model,
     )
-    sampling.to_kwargs(generator.prompter.preset)  # fail on bad flags before generating anything
-    if input_file:
-        _answer_file(generator, input_file, output_file, sampling, batch_size)
+    sampling.check(generator.prompter.preset)  # fail on bad flags before generating anything
+    if interactive:
+        from jalora.chat import chat_loop
+
+        chat_loop(generator, sampling, stream=num_beams == 1, report=report)
+    elif input_file:
+        from jalora.batch_answers import answer_file
+
+        answer_file(generator, input_file, output_file, sampling, batch_size, report=report, compare=compare)
     else:
-        print(generator.answer([(str(prompt), str(input))], sampling)[0])
+        prompt_text = generator.prompter.render(str(prompt), str(input))
+        if compare:
+            _compare(generator, prompt_text, sampling, stream, report)
+        else:
+            show_answer(generator, prompt_text, sampling, stream, report)
