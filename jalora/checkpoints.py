@@ -77,7 +77,7 @@ class CheckpointingTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging folder
         if not self.args.should_save:
             return
-        per_step = self.args.train_batch_size * self.run_info["gradient_accumulation_steps"]
+        per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         info = {"step": step, "epoch": self.state.epoch, "examples_seen": step * per_step, "run": self.run_info}
         write_json(staged / CHECKPOINT_INFO, info)
         final = run_dir / name

@@ -125,8 +125,10 @@ class Generator:
         quantization: str | None = None,
         trust_remote_code: bool = False,
         assistant_model: str | None = None,
+        device_map: str | None = None,
     ) -> Generator:
-        """Base model and prompt format from the adapter's run record; arguments override it."""
+        """Base model and prompt format from the adapter's run record; arguments override it.
+        `device_map="auto"` spreads a model too large for one GPU over all GPUs (and CPU RAM)."""
         from peft import PeftModel
 
         from jalora.train import resolve_preset
@@ -143,7 +145,7 @@ class Generator:
         if system_prompt is None:
             system_prompt = record.get("system_prompt")
         prompter = Prompter(template, tokenizer, the_preset, system_prompt)
-        model = load_model(source, quantization or "none", compute_dtype(), trust_remote_code)
+        model = load_model(source, quantization or "none", compute_dtype(), trust_remote_code, device_map)
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora_weights:
             check_adapter_fits(lora_weights, model)
@@ -287,6 +289,7 @@ def main(
     prompt_lookup_num_tokens: int | None = None,
     assistant_model: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> None:
     """Answer one instruction (--prompt, optional --input), every record of --input_file, or chat (--interactive).
 
@@ -331,6 +334,7 @@ def main(
         quantization,
         trust_remote_code,
         assistant_model,
+        device_map,
     )
     sampling.check(generator.prompter.preset)  # fail on bad flags before generating anything
     if interactive:

@@ -2,7 +2,7 @@
 
 The Trainer by default hides a non-finite loss in its logs (it logs the running mean instead)
 and goes on saving checkpoints of a model whose weights are already NaN. This callback sees
-the loss of every training forward pass, and at the end of the step that produced a bad one
+the loss of every training micro-batch, and at the end of the step that produced a bad one
 raises, before the Trainer's save for that step, so the newest checkpoint is the last good one.
 """
 
@@ -22,30 +22,19 @@ class NonFiniteLossError(UserError):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Watches the loss of every training forward pass through a hook on the model."""
+    """The trainer reports every training loss to `observe`; the step that produced a bad one ends
+    with NonFiniteLossError, raised before the Trainer saves that step."""
 
     def __init__(self):
         self.bad_loss: float | None = None
-        self._hook = None
 
-    def _watch(self, module, inputs, output) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and self.bad_loss is None and loss is not None and not torch.isfinite(loss).all():
+    def observe(self, loss: torch.Tensor) -> None:
+        if self.bad_loss is None and not torch.isfinite(loss.detach()).all():
             self.bad_loss = float(loss.detach().float().sum())
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._hook = model.register_forward_hook(self._watch)
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bad_loss is None:
-            return
-        self.on_train_end(args, state, control)
-        raise NonFiniteLossError(self.message(args, state.global_step))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self.bad_loss is not None:
+            raise NonFiniteLossError(self.message(args, state.global_step))
 
     def message(self, args, step: int) -> str:
         value = "NaN" if math.isnan(self.bad_loss) else "inf"

@@ -34,6 +34,7 @@ from jalora.modeling import (
     resolve_source,
     resolve_targets,
 )
+from jalora.nan_guard import StopOnNonFiniteLoss
 from jalora.outputs import (
     RUN_RECORD,
     check_resume_matches,
@@ -51,8 +52,18 @@ log = logging.getLogger(__name__)
 
 
 class JaloraTrainer(CheckpointingTrainer, LeanTrainer):
-    """Whole-or-nothing checkpoints and Ctrl-C saves (checkpoints.py), plus token counting and the
-    loss from supervised positions only (lean_trainer.py)."""
+    """Whole-or-nothing checkpoints and Ctrl-C saves (checkpoints.py), token counting and the loss
+    from supervised positions only (lean_trainer.py), and a stop at the first NaN/inf loss (nan_guard.py)."""
+
+    def __init__(self, *args, **kwargs):
+        self.nan_guard = StopOnNonFiniteLoss()
+        super().__init__(*args, callbacks=[self.nan_guard], **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.nan_guard.observe(result[0] if return_outputs else result)
+        return result
 
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
@@ -303,8 +314,6 @@ def _build_trainer(
 ):
     from transformers import TrainingArguments
 
-    from jalora.nan_guard import StopOnNonFiniteLoss
-
     examples_per_step = micro_batch_size * kwargs["gradient_accumulation_steps"] * _world_size()
     steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
     total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
@@ -339,7 +348,6 @@ def _build_trainer(
         eval_dataset=val_set or None,
         data_collator=PackCollator() if lean["packing"] else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[StopOnNonFiniteLoss()],
         run_info=run_info,
         supervised_head=lean["supervised_head"],
         ce_chunk_size=1024 if lean["chunked_ce"] else None,

@@ -53,6 +53,7 @@ def one_step(model_dir, examples, tmp_path, micro: int, accumulation: int, packi
         warmup_steps=0,
         dtype=torch.float32,
         group_by_length=False,
+        run_info={},
         lean={
             "packing": packing,
             "gradient_checkpointing": False,

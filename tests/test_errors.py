@@ -231,7 +231,7 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path, capsys):
     )
     (model_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n", encoding="utf-8")
     line = cli_error(finetune_cli, capsys, base_model=str(model_dir))
-    assert "uses custom model code; re-run with --trust_remote_code True if you trust it" in line
+    assert "uses custom model code" in line and "--trust_remote_code True" in line
     assert not marker.exists()
 
 

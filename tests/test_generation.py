@@ -250,3 +250,11 @@ def test_generate_interactive_reads_stdin_and_reports(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("chat: keeps the history") and "(history cleared)" in done.stdout
     assert done.stderr.count("[report] repeated 3-grams") == 2
+
+
+def test_device_map_auto_places_the_model_and_keeps_the_answer(generators, tiny_model_dir):
+    """--device_map auto (a model larger than one GPU) goes through accelerate's placement; here,
+    without a GPU, everything lands on the CPU and the greedy answer is unchanged."""
+    placed = Generator.load(base_model=str(tiny_model_dir("open-calm")), device_map="auto")
+    assert set(getattr(placed.model, "hf_device_map", {"": "cpu"}).values()) <= {"cpu", 0}
+    assert placed.answer(PROMPTS, greedy()) == generators("open-calm").answer(PROMPTS, greedy())
