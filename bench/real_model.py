@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 
 from jalora.cli import run_quietly
+from jalora.demo import HELD_OUT, short_run
 from jalora.generation import Generator, Sampling
-from jalora.train import SAMPLE_DATA, finetune
-
-HELD_OUT = SAMPLE_DATA.with_name("dolly_ja_heldout.jsonl")
 
 
 def eos_share(generator: Generator, questions: list[tuple[str, str]], sampling: Sampling, batch: int = 8):
@@ -35,7 +33,6 @@ def eos_share(generator: Generator, questions: list[tuple[str, str]], sampling: 
 
 def run(
     max_steps: int = 120,
-    cutoff_len: int = 256,
     max_new_tokens: int = 320,
     output_dir: str = "runs/real-model",
     show: int = 3,
@@ -48,22 +45,7 @@ def run(
     started = time.time()
     base_share, base_answers = eos_share(Generator.load(base_model="smollm2"), questions, sampling)
     trained_at = time.time()
-    record = finetune(
-        base_model="smollm2",
-        data_path=str(SAMPLE_DATA),
-        val_data_path=str(HELD_OUT),
-        output_dir=output_dir,
-        batch_size=4,
-        micro_batch_size=4,
-        max_steps=max_steps,
-        learning_rate=1e-3,
-        cutoff_len=cutoff_len,
-        lora_r=16,
-        lora_alpha=32,
-        save_steps=max_steps,
-        eval_steps=max_steps,
-        logging_steps=10,
-    )
+    record = short_run(output_dir, max_steps)
     train_minutes = (time.time() - trained_at) / 60
     tuned_share, tuned_answers = eos_share(Generator.load(output_dir), questions, sampling)
 

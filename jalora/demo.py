@@ -25,13 +25,9 @@ def show(title: str, generator: Generator, questions: list[tuple[str, str]], sam
         print(f"Q: {question}\nA: {answer.strip()}\n")
 
 
-def demo(output_dir: str = "demo-out", max_steps: int = 40, questions: int = 3) -> None:
-    """Answers before, a short LoRA run with held-out loss before/after, answers after."""
-    started = time.time()
-    asked = held_out_questions(questions)
-    sampling = Sampling(max_new_tokens=48, repetition_penalty=1.1)
-    show("base model (SmolLM2-135M-Instruct)", Generator.load(base_model="smollm2"), asked, sampling)
-    record = finetune(
+def short_run(output_dir: str, max_steps: int) -> dict:
+    """The CPU recipe of `make demo` and bench/real_model.py: SmolLM2 on the sample, scored on the held-out file."""
+    return finetune(
         base_model="smollm2",
         data_path=str(SAMPLE_DATA),
         val_data_path=str(HELD_OUT),
@@ -45,8 +41,18 @@ def demo(output_dir: str = "demo-out", max_steps: int = 40, questions: int = 3) 
         lora_alpha=32,
         save_steps=max_steps,
         eval_steps=max_steps,
-        logging_steps=5,
+        logging_steps=10,
+        overwrite_output_dir=True,
     )
+
+
+def demo(output_dir: str = "demo-out", max_steps: int = 40, questions: int = 3) -> None:
+    """Answers before, a short LoRA run with held-out loss before/after, answers after."""
+    started = time.time()
+    asked = held_out_questions(questions)
+    sampling = Sampling(max_new_tokens=48, repetition_penalty=1.1)
+    show("base model (SmolLM2-135M-Instruct)", Generator.load(base_model="smollm2"), asked, sampling)
+    record = short_run(output_dir, max_steps)
     show(f"after {max_steps} LoRA steps", Generator.load(output_dir), asked, sampling)
     m = record["metrics"]
     drop = 100 * (1 - m["eval_loss"] / m["eval_loss_before"])
