@@ -292,7 +292,7 @@ SYSTEM = "あなたは短く答えるアシスタントです。"
     "families, steps",
     [
         pytest.param(("rinna", "llama3-elyza", "generic"), 30, id="rinna-llama3-generic"),
-        pytest.param((*FAMILIES, "generic"), 60, id="every-family", marks=pytest.mark.slow),
+        pytest.param((*FAMILIES, "generic"), 150, id="every-family", marks=pytest.mark.slow),
     ],
 )
 def test_toy_task_trained_by_finetune_is_reproduced_and_stops_on_eos(tiny_model_dir, tmp_path, families, steps):
