@@ -22,7 +22,7 @@ from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_config, load
 from jalora.outputs import read_run_record
 from jalora.penalties import DEFAULT_EXEMPT, Penalties
 from jalora.preflight import check_adapter_fits, check_base_matches
-from jalora.presets import Preset, get_preset
+from jalora.presets import Preset
 from jalora.prompts import Prompter, load_template
 from jalora.repetition_score import format_report, repetition_report
 from jalora.stop_strings import StopOnStrings, cut_at_stop, parse_stops
@@ -135,8 +135,7 @@ class Generator:
 
         record = read_run_record(lora_weights) if lora_weights else {}
         base_model = base_model or record.get("base_model") or DEFAULT_BASE_MODEL
-        the_preset = get_preset(preset or record["preset"]) if (preset or "preset" in record) else None
-        the_preset = the_preset or resolve_preset(None, base_model, trust_remote_code)
+        the_preset = resolve_preset(preset or record.get("preset"), base_model, trust_remote_code)
         template = load_template(prompt_template_name or record.get("template") or the_preset.template)
         source = resolve_source(base_model)
         if lora_weights and "base_config" in record and base_model != record.get("base_model"):

@@ -299,6 +299,7 @@ def _build_trainer(
     val_set,
     *,
     output_dir,
+    gradient_accumulation_steps,
     micro_batch_size,
     num_epochs,
     max_steps,
@@ -314,13 +315,14 @@ def _build_trainer(
 ):
     from transformers import TrainingArguments
 
-    examples_per_step = micro_batch_size * kwargs["gradient_accumulation_steps"] * _world_size()
+    examples_per_step = micro_batch_size * gradient_accumulation_steps * _world_size()
     steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
     total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         warmup_steps=min(warmup_steps, total_steps // 10),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, RINNA_SPECIAL_TOKENS
 from transformers import AutoTokenizer
 
 from jalora.data import IGNORE_INDEX, Record, tokenize_records
@@ -220,13 +220,7 @@ def _as_real_rinna_repo(stand_in: Path, target: Path) -> Path:
     config = {
         "tokenizer_class": "T5Tokenizer",
         "do_lower_case": False,
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
+        **RINNA_SPECIAL_TOKENS,
         "extra_ids": 0,
         "additional_special_tokens": [],
         "sp_model_kwargs": {},

@@ -64,6 +64,15 @@ FAMILIES: tuple[str, ...] = (
     "qwen2.5",
 )
 
+RINNA_SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 VOCAB_SIZE = 3000
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 64, 2, 4, 128, 2048
@@ -421,13 +430,7 @@ def _rinna_spm(corpus: list[str], out_dir: Path) -> None:
     config = {
         "tokenizer_class": "SentencePieceBackend",
         "special_tokens_pattern": "eos",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
+        **RINNA_SPECIAL_TOKENS,
         "do_lower_case": False,
         "legacy": True,
         "sp_model_kwargs": {},
