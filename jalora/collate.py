@@ -66,20 +66,29 @@ class PadCollator:
 @dataclass
 class PackCollator:
     """Concatenate the micro-batch's examples into one row, with position ids restarting at 0
-    for each example and no attention mask. The model then attends only within an example
-    (a block-diagonal causal mask, or flash attention's variable-length path), so the loss
-    equals unpadded training while no padding token is ever computed."""
+    for each example, no attention mask, and the examples' boundaries. The model then attends
+    only within an example (per-example sdpa, flash attention's variable-length path, or a
+    block-diagonal causal mask), so the loss equals unpadded training while no padding token
+    is ever computed."""
 
     def __call__(self, features: list[dict]) -> dict:
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, bounds = [], [], [], [0]
         for f in features:
             input_ids += f["input_ids"]
             labels += _labels(f)
             positions += range(len(f["input_ids"]))
+            bounds.append(len(input_ids))
+        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         return {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
             # a KV cache (use_cache defaults to True, even in training) switches packed-sequence detection off
             "use_cache": False,
+            # example boundaries, for flash attention's variable-length path and jalora/packed_attention.py
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

@@ -43,6 +43,7 @@ from jalora.outputs import (
     save_pretrained_atomic,
     write_json,
 )
+from jalora.packed_attention import use_packed_attention
 from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
 from jalora.preflight import base_config_summary, check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table
@@ -181,6 +182,8 @@ def finetune(
     model = load_model(source, quantization, dtype, trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     lean = lean_settings(model.config, quantization, packing, gradient_checkpointing, chunked_ce)
+    if lean["packing"]:
+        use_packed_attention(model)
     targets = resolve_targets(model, lora_target_modules, the_preset)
     set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter
     model = attach_lora(
@@ -251,6 +254,7 @@ def finetune(
             "warmup_steps": trainer.args.warmup_steps,
             "seed": seed,
             "dtype": str(dtype).removeprefix("torch."),
+            "attention": model.config._attn_implementation,
             **lean,
         },
         "data": {

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from jalora.data import IGNORE_INDEX
 from jalora.modeling import attach_lora, load_model, load_tokenizer, resolve_source
+from jalora.packed_attention import use_packed_attention
 from jalora.presets import get_preset
 from jalora.train import _build_trainer
 
@@ -38,6 +39,8 @@ def lora_model(model_dir):
 
 def one_step(model_dir, examples, tmp_path, micro: int, accumulation: int, packing: bool, supervised_head: bool):
     model = lora_model(model_dir)
+    if packing:
+        use_packed_attention(model)
     tokenizer = load_tokenizer(resolve_source(str(model_dir)), get_preset("elyza-llama2"))
     trainer = _build_trainer(
         model,

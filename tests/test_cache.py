@@ -8,6 +8,7 @@ import json
 from jalora.cache import tokenize_cached
 from jalora.data import load_records, tokenize_records
 from jalora.modeling import load_tokenizer, resolve_source
+from jalora.packed_attention import PACKED_SDPA
 from jalora.presets import get_preset
 from jalora.prompts import Prompter, load_template
 from jalora.train import SAMPLE_DATA, finetune
@@ -63,6 +64,7 @@ def test_finetune_packs_caches_and_records_throughput(tiny_model_dir, tmp_path, 
         assert ("(cache)" in out) == (i == 1)
     record = runs[1]
     assert all(record["hyperparameters"][k] for k in ("packing", "supervised_head", "chunked_ce"))
+    assert record["hyperparameters"]["attention"] == PACKED_SDPA  # packed rows attend example by example
     assert not record["hyperparameters"]["gradient_checkpointing"]  # off by default without quantization
     metrics = record["metrics"]
     assert metrics["padding_efficiency"] == 1.0 and metrics["tokens_per_s"] > 0

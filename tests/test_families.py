@@ -15,13 +15,13 @@ import torch
 from tiny_models import FAMILIES, RINNA_SPECIAL_TOKENS
 from transformers import AutoTokenizer
 
-from jalora.data import IGNORE_INDEX, Record, tokenize_records
+from jalora.data import IGNORE_INDEX, Record, load_records, tokenize_records
 from jalora.errors import UserError
 from jalora.generation import Generator, Sampling
 from jalora.modeling import load_model, load_tokenizer, resolve_source
 from jalora.presets import ELYZA_SYSTEM, PRESETS, detect_preset, presets_table
 from jalora.prompts import Prompter, load_template
-from jalora.train import finetune, resolve_preset
+from jalora.train import SAMPLE_DATA, finetune, resolve_preset
 
 CHAT = ("llama3-elyza", "llm-jp-3", "qwen2.5")
 # the token that really ends an answer, per the model cards
@@ -135,6 +135,38 @@ def test_prompt_matches_model_card_or_chat_template_with_one_bos(tiny_model_dir,
     else:  # open-calm's bos is its eos, rinna's </s>/<s> and Qwen's none: the prompt carries neither
         assert bos is None or bos not in ids
     assert ids[-1] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("family", CHAT)
+def test_chat_prompts_from_the_cached_frame_equal_full_renders_of_every_sample_record(tiny_model_dir, family):
+    prompter = prompter_for(tiny_model_dir(family))
+    assert prompter._user_frame is not None  # all three seed chat templates pass their user message through
+    for record in load_records(str(SAMPLE_DATA)):
+        user = f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
+        assert prompter.render(record.instruction, record.input) == prompter.render_chat(
+            [{"role": "user", "content": user}]
+        )
+
+
+@pytest.mark.parametrize(
+    "body, framed",
+    [
+        ("{{ m['content'] }}", True),
+        ("{{ m['content'] | trim }}", True),  # Llama-3's way: the frame writes the message stripped
+        ("{{ m['content'] | upper }}", False),
+        ("{% if '。' in m['content'] %}JA {% endif %}{{ m['content'] }}", False),
+    ],
+)
+def test_chat_templates_that_rewrite_the_message_are_rendered_in_full(tiny_model_dir, body, framed):
+    prompter = prompter_for(tiny_model_dir("qwen2.5"))
+    prompter.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>"
+        + body
+        + "</s>{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    assert (prompter._user_frame is not None) == framed
+    for instruction in ("  東京は？ ", "Tokyo。\n", "ab"):
+        assert prompter.render(instruction) == prompter.render_chat([{"role": "user", "content": instruction}])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,6 +9,7 @@ import torch
 from jalora.collate import PACKING_EXACT, PackCollator, PadCollator, TokenCounter
 from jalora.data import IGNORE_INDEX, load_records, tokenize_records
 from jalora.modeling import load_model, load_tokenizer, resolve_source
+from jalora.packed_attention import PACKED_SDPA, use_packed_attention
 from jalora.presets import get_preset
 from jalora.prompts import Prompter, load_template
 from jalora.train import SAMPLE_DATA
@@ -28,7 +29,7 @@ def test_packing_exact_list_matches_tested_families():
     assert set(FAMILIES.values()) == set(PACKING_EXACT)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_logits_and_loss_equal_unpacked(tiny_model_dir, family, attn):
     model_dir = tiny_model_dir(family)
@@ -60,6 +61,24 @@ def test_packed_logits_and_loss_equal_unpacked(tiny_model_dir, family, attn):
     torch.testing.assert_close(packed_out.loss, total / count, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_example_attention_gives_the_block_mask_gradients(tiny_model_dir, family):
+    """The per-example path is what training runs: its gradients equal those of sdpa with the
+    block-diagonal mask that transformers builds from the restarting position ids."""
+    model_dir = tiny_model_dir(family)
+    packed = PackCollator()(sample_examples(model_dir, family, 4, train_on_inputs=False))
+    grads = {}
+    for attn in ("sdpa", PACKED_SDPA):
+        model = load_model(resolve_source(str(model_dir)))
+        assert use_packed_attention(model) and model.config._attn_implementation == PACKED_SDPA
+        model.set_attn_implementation(attn)
+        model(**packed).loss.backward()
+        grads[attn] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads[PACKED_SDPA].keys() and grads["sdpa"]
+    for name, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads[PACKED_SDPA][name], grad, atol=1e-6, rtol=1e-4)
+
+
 def test_collators_mask_first_label_and_count_tokens():
     examples = [
         {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
@@ -69,6 +88,7 @@ def test_collators_mask_first_label_and_count_tokens():
     assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert "attention_mask" not in packed and packed["use_cache"] is False  # either would switch packing off
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5] and packed["max_length_q"] == 3
     padded = PadCollator(pad_token_id=0)(examples)
     assert padded["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
     counter = TokenCounter()
