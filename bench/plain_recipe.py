@@ -1,8 +1,9 @@
 """The baseline the benchmarks compare against: alpaca-lora's recipe, written out.
 
 Per-example tokenization through `datasets.map` (one tokenizer call for prompt+answer and one
-for the prompt alone, to find the mask boundary), then HF Trainer with a collator that pads
-each micro-batch to its longest example, random order, no grouping. It renders prompts with
+for the prompt alone, to find the mask boundary), then HF Trainer with transformers'
+DataCollatorForSeq2Seq padding each micro-batch to its longest example (to a multiple of 8),
+random order, no grouping, the model's KV cache off. It renders prompts with
 jalora's Prompter so both sides train on the same text.
 """
 
@@ -35,20 +36,9 @@ def tokenize_per_example(records: list[Record], prompter: Prompter, cutoff_len: 
     return Dataset.from_list(rows).map(one, remove_columns=["instruction", "input", "output"])
 
 
-class PadToLongest:
-    """DataCollatorForSeq2Seq's behaviour for causal LM: right-pad to the longest, labels -100."""
+def pad_collator(tokenizer):
+    """alpaca-lora's collator: DataCollatorForSeq2Seq, padding to the longest in the micro-batch
+    rounded up to a multiple of 8, labels padded with -100."""
+    from transformers import DataCollatorForSeq2Seq
 
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, features):
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
-        for f in features:
-            gap = longest - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad] * gap)
-            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * gap)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
-        return {k: torch.tensor(v) for k, v in batch.items()}
+    return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)

@@ -32,7 +32,8 @@ def eos_share(generator: Generator, questions: list[tuple[str, str]], sampling: 
 
 
 def run(
-    max_steps: int = 120,
+    max_steps: int = 80,
+    cutoff_len: int = 512,
     max_new_tokens: int = 320,
     output_dir: str = "runs/real-model",
     show: int = 3,
@@ -47,7 +48,7 @@ def run(
     started = time.time()
     base_share, base_answers = eos_share(Generator.load(base_model="smollm2"), questions, sampling)
     trained_at = time.time()
-    record = short_run(output_dir, max_steps)
+    record = short_run(output_dir, max_steps, cutoff_len)
     train_minutes = (time.time() - trained_at) / 60
     tuned_share, tuned_answers = eos_share(Generator.load(output_dir), questions, sampling)
 
@@ -74,6 +75,11 @@ def run(
     )
     print(f"training {train_minutes:.1f} min ({m['steps']} steps), whole benchmark {figures['total_minutes']:.1f} min")
     Path(output_dir, "real_model_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    answers = [
+        {"instruction": q, "input": x, "base": b, "adapter": a}
+        for (q, x), b, a in zip(questions, base_answers, tuned_answers)
+    ]
+    Path(output_dir, "real_model_answers.json").write_text(json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
     return figures
 
 

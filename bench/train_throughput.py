@@ -23,7 +23,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_recipe import PadToLongest, tokenize_per_example  # noqa: E402
+from plain_recipe import pad_collator, tokenize_per_example  # noqa: E402
 
 from jalora.collate import TokenCounter  # noqa: E402
 from jalora.data import IGNORE_INDEX, load_records  # noqa: E402
@@ -95,7 +95,7 @@ def build_model_dir(real: bool, out: Path) -> Path:
 
 
 def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
-    """HF Trainer + peft, per-example tokenization, pad to longest, random order."""
+    """HF Trainer + peft, per-example tokenization, pad to longest (multiple of 8), random order."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -105,11 +105,12 @@ def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: i
     train_set = tokenize_per_example(load_records(train_path), prompter, cutoff)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.use_cache = False
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     counter = TokenCounter()
     throughput = ThroughputCallback(counter)  # the same instrument finetune() uses
-    pad = PadToLongest(tokenizer.pad_token_id)
+    pad = pad_collator(tokenizer)
 
     def counting_collator(features):
         batch_ = pad(features)

@@ -25,7 +25,7 @@ def show(title: str, generator: Generator, questions: list[tuple[str, str]], sam
         print(f"Q: {question}\nA: {answer.strip()}\n")
 
 
-def short_run(output_dir: str, max_steps: int) -> dict:
+def short_run(output_dir: str, max_steps: int, cutoff_len: int = 256) -> dict:
     """The CPU recipe of `make demo` and bench/real_model.py: SmolLM2 on the sample, scored on the held-out file."""
     return finetune(
         base_model="smollm2",
@@ -36,7 +36,7 @@ def short_run(output_dir: str, max_steps: int) -> dict:
         micro_batch_size=4,
         max_steps=max_steps,
         learning_rate=1e-3,
-        cutoff_len=256,
+        cutoff_len=cutoff_len,
         lora_r=16,
         lora_alpha=32,
         save_steps=max_steps,

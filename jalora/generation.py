@@ -173,7 +173,7 @@ class Generator:
             attention_mask=attention,
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
-            logits_processor=sampling.penalties(preset).processors(self.tokenizer, longest),
+            logits_processor=sampling.penalties(preset).processors(self.tokenizer, longest, tuple(self.eos_ids)),
             stopping_criteria=StoppingCriteriaList(
                 [StopOnStrings(sampling.stop, longest, self.text_of)] if sampling.stop else []
             ),

@@ -13,8 +13,10 @@ For a token id t with logit l (before temperature / top-k / top-p):
 - `frequency` f and `presence` q (OpenAI's additive rule), with c_t the count of t in the
                     answer so far: l -> l - f * c_t - q * (c_t > 0)
 Exempt tokens (whose text is made only of exempt characters) keep their logit under the three
-answer penalties. `repetition` stays exactly transformers' rule (no exemptions), so existing
-settings such as a preset's repetition_penalty 1.1 behave as they always did.
+answer penalties. `repetition` is transformers' rule with one exception, shared by all four: the
+ids that end an answer are never penalised. A chat prompt holds the end-of-turn token after every
+turn (<|im_end|>, <|eot_id|>), so transformers' rule lowers the eos logit at every step and the
+model stops less often: the "never stops" trap, through a penalty.
 """
 
 from __future__ import annotations
@@ -99,14 +101,15 @@ class Penalties:
             if not value > 0:
                 raise UserError(f"--{flag} must be > 0 (1.0 switches it off, above 1.0 discourages repeats)")
 
-    def processors(self, tokenizer, prompt_length: int) -> LogitsProcessorList:
-        """Processors for one generate() call whose prompts (left-padded) are `prompt_length` long."""
+    def processors(self, tokenizer, prompt_length: int, stop_ids: tuple[int, ...] = ()) -> LogitsProcessorList:
+        """Processors for one generate() call whose prompts (left-padded) are `prompt_length` long;
+        `stop_ids` (the eos ids) are never penalised."""
         processors = LogitsProcessorList()
         if self.repetition == 1.0 and self.generated_only == 1.0 and not (self.frequency or self.presence):
             return processors
-        exempt = exempt_token_ids(tokenizer, self.exempt)
+        exempt = (*exempt_token_ids(tokenizer, self.exempt), *stop_ids)
         if self.repetition != 1.0:
-            processors.append(RepetitionPenalty(self.repetition, 0))
+            processors.append(RepetitionPenalty(self.repetition, 0, tuple(stop_ids)))
         if self.generated_only != 1.0:
             processors.append(RepetitionPenalty(self.generated_only, prompt_length, exempt))
         if self.frequency or self.presence:

@@ -63,6 +63,27 @@ def test_exempt_tokens_keep_their_logits_under_every_penalty():
     assert FrequencyPresencePenalty(1.0, 1.0, 0, exempt)(ids, scores).tolist() == [[0.0, -1.0, 2.0, -4.0]]
 
 
+def test_eos_in_a_chat_prompt_is_never_penalised(tiny_model_dir):
+    """<|im_end|> closes every turn of the prompt: penalising it would keep the model from stopping."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir("qwen2.5")))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, scores = random_case(seed=3, vocab=len(tokenizer))
+    ids[:, 2] = eos  # in the prompt
+    ids[:, -1] = eos  # and in the answer
+    scores[:, eos] = 5.0
+    processors = Penalties(1.3, 1.3, 0.5, 0.5).processors(tokenizer, 6, stop_ids=(eos,))
+    out = scores.clone()
+    for processor in processors:
+        out = processor(ids, out)
+    assert out[:, eos].tolist() == [5.0] * ids.shape[0]
+    # every other id: the repetition part is still exactly transformers' rule
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(ids, scores.clone())
+    ours = processors[0](ids, scores.clone())
+    others = torch.arange(scores.shape[1]) != eos
+    torch.testing.assert_close(ours[:, others], theirs[:, others], rtol=0, atol=0)
+    assert theirs[0, eos] < 5.0  # which would have lowered it
+
+
 def test_default_exemptions_cover_japanese_punctuation_and_particles(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir("open-calm")))
     exempt = set(exempt_token_ids(tokenizer, Penalties().exempt))
