@@ -230,7 +230,7 @@ def finetune(
     metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
     metrics |= trainer.throughput.summary()
     if val_set:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss"] = final_eval_loss(trainer)
         print(f"held-out loss after training: {metrics['eval_loss']:.4f}")
 
     record = {
@@ -271,6 +271,14 @@ def finetune(
     if trainer.is_world_process_zero():
         save_run(model, tokenizer, record, Path(output_dir))
     return record
+
+
+def final_eval_loss(trainer) -> float:
+    """Held-out loss of the trained adapter: the Trainer's own evaluation when it ran one at the
+    last step (eval_steps dividing the step count), else a new one."""
+    step = trainer.state.global_step
+    done = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    return done[-1] if done else trainer.evaluate()["eval_loss"]
 
 
 def lean_settings(

@@ -4,13 +4,14 @@ saved adapter reloads into plain peft with the same logits."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from jalora.modeling import attach_lora, keep_4bit_trainable, load_model, load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.train import finetune, save_run
+from jalora.train import final_eval_loss, finetune, save_run
 
 QUANTIZATIONS = ["none", "8bit", "4bit"]
 FAMILIES = ["open-calm", "elyza-llama2"]
@@ -112,3 +113,19 @@ def test_all_zero_adapter_is_never_saved(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="zero"):
         save_run(model, load_tokenizer(resolve_source(base_dir), preset), {}, tmp_path)
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_final_held_out_loss_reuses_the_trainers_last_step_evaluation():
+    class Trainer:
+        def __init__(self, history, step):
+            self.state = SimpleNamespace(log_history=history, global_step=step)
+            self.evaluated = 0
+
+        def evaluate(self):
+            self.evaluated += 1
+            return {"eval_loss": 9.0}
+
+    ran_at_end = Trainer([{"eval_loss": 2.0, "step": 5}, {"eval_loss": 1.5, "step": 10}, {"train_loss": 1.7}], 10)
+    assert final_eval_loss(ran_at_end) == 1.5 and ran_at_end.evaluated == 0
+    ran_earlier = Trainer([{"eval_loss": 2.0, "step": 5}, {"train_loss": 1.7, "step": 8}], 8)
+    assert final_eval_loss(ran_earlier) == 9.0 and ran_earlier.evaluated == 1
