@@ -1,16 +1,23 @@
 """The baseline the benchmarks compare against: alpaca-lora's recipe, written out.
 
 Per-example tokenization through `datasets.map` (one tokenizer call for prompt+answer and one
-for the prompt alone, to find the mask boundary), then HF Trainer with transformers'
-DataCollatorForSeq2Seq padding each micro-batch to its longest example (to a multiple of 8),
-random order, no grouping, the model's KV cache off. It renders prompts with
-jalora's Prompter so both sides train on the same text.
-"""
+for the prompt alone, to find the mask boundary; a chat template rendered per record), then HF
+Trainer with transformers' DataCollatorForSeq2Seq padding each micro-batch to its longest
+example (to a multiple of 8), random order, no grouping, the model's KV cache off. Prompts are
+the text jalora's Prompter gives, so both sides train on the same text."""
 
 from __future__ import annotations
 
 from jalora.data import IGNORE_INDEX, Record
 from jalora.prompts import Prompter
+
+
+def render_plainly(prompter: Prompter, instruction: str, input: str) -> str:
+    """The prompt text jalora trains on, rendered as a plain script does: str.format for a template,
+    one apply_chat_template call per record for a chat model (jalora reuses a verified frame)."""
+    if not prompter.template.use_chat_template:
+        return prompter.render(instruction, input)
+    return prompter.render_chat([{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}])
 
 
 def tokenize_per_example(records: list[Record], prompter: Prompter, cutoff_len: int):
@@ -27,7 +34,7 @@ def tokenize_per_example(records: list[Record], prompter: Prompter, cutoff_len: 
         return ids
 
     def one(row: dict) -> dict:
-        prompt = prompter.render(row["instruction"], row["input"])
+        prompt = render_plainly(prompter, row["instruction"], row["input"])
         full = tokenize(prompt + row["output"])
         n_prompt = len(tokenize(prompt)) - 1  # minus the eos tokenize() appended
         return {"input_ids": full, "labels": [IGNORE_INDEX] * n_prompt + full[n_prompt:]}

@@ -1,7 +1,7 @@
 """A real model learns on the CPU: SmolLM2-135M-Instruct (embedded GGUF) before and after a short LoRA run
 on the project's Japanese sample, measured on the held-out file in one process.
 
-    python bench/real_model.py                 # about 15 minutes on 2 cores
+    python bench/real_model.py                 # about 17 minutes on 2 cores (12.6 of them training)
     python bench/real_model.py --max_steps 20  # a quick look
 
 Prints the held-out loss of base and adapter, the share of held-out prompts whose greedy answer ends

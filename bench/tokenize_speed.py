@@ -20,7 +20,7 @@ import fire
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_recipe import tokenize_per_example  # noqa: E402
+from plain_recipe import render_plainly, tokenize_per_example  # noqa: E402
 
 from jalora.cache import tokenize_cached  # noqa: E402
 from jalora.data import load_records  # noqa: E402
@@ -56,6 +56,10 @@ def main(n: int = 15000, cutoff_len: int = 512):
     print(f"jalora batched (cold)    : {first:7.2f} s   {per_example / first:5.1f}x")
     print(f"jalora cache hit         : {cached:7.2f} s   {per_example / cached:5.1f}x")
     print(f"load average after {psutil.getloadavg()}")
+    same = all(
+        prompter.render(r.instruction, r.input) == render_plainly(prompter, r.instruction, r.input) for r in records
+    )
+    print(f"prompt text identical on both sides for all {len(records)} records: {same}")
 
 
 if __name__ == "__main__":

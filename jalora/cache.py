@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,14 @@ def cache_key(records: list[Record], prompter: Prompter, settings: dict) -> str:
 
 def _save(path: Path, examples: list[dict], stats: TokenizeStats) -> None:
     lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+    total = int(lengths.sum())
+
+    def flat(key: str) -> np.ndarray:
+        return np.fromiter(chain.from_iterable(e[key] for e in examples), dtype=np.int32, count=total)
+
     arrays = {
-        "input_ids": np.array([t for e in examples for t in e["input_ids"]], dtype=np.int32),
-        "labels": np.array([t for e in examples for t in e["labels"]], dtype=np.int32),
+        "input_ids": flat("input_ids"),
+        "labels": flat("labels"),
         "lengths": lengths,
         "meta": np.array(json.dumps({"stats": asdict(stats), "categories": [e["category"] for e in examples]})),
     }

@@ -187,7 +187,7 @@ class Prompter:
         if not texts:
             return []
         texts = [self._map_newlines(t) for t in texts]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if first and self.add_bos and bos is not None:
             ids = [row if row[:1] == [bos] else [bos, *row] for row in ids]
