@@ -355,7 +355,7 @@ def _build_trainer(
         gradient_checkpointing_kwargs={"use_reentrant": False},
         **kwargs,
     )
-    return JaloraTrainer(
+    trainer = JaloraTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -366,6 +366,20 @@ def _build_trainer(
         supervised_head=lean["supervised_head"],
         ce_chunk_size=1024 if lean["chunked_ce"] else None,
     )
+    log_tensorboard_to(trainer, Path(args.output_dir))
+    return trainer
+
+
+def log_tensorboard_to(trainer, output_dir: Path) -> None:
+    """TensorBoard events under the output dir. transformers picks that folder only when training
+    begins, so the evaluation before training would otherwise open its writer in ./runs of
+    whatever directory the command was started from (TENSORBOARD_LOGGING_DIR still wins)."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(output_dir / default_logdir())
 
 
 def check_adapter_trained(model) -> None:
