@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from jalora.errors import UserError
+from jalora.lora_dropout import use_integer_mask_dropout
 from jalora.preflight import check_safe_weights
 from jalora.presets import Preset
 
@@ -260,7 +261,8 @@ def attach_lora(
     quantized: bool,
     gradient_checkpointing: bool = True,
 ):
-    """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation."""
+    """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation, a model
+    on the CPU the cheaper dropout of jalora/lora_dropout.py."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -272,4 +274,7 @@ def attach_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if next(model.parameters()).device.type == "cpu":
+        use_integer_mask_dropout(model)
+    return model
