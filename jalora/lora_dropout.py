@@ -32,9 +32,8 @@ class IntegerMaskDropout(nn.Module):
         return f"p={self.p}"
 
 
-def use_integer_mask_dropout(model: nn.Module) -> int:
-    """Swap every LoRA dropout of a peft model for IntegerMaskDropout; returns how many."""
-    swapped = 0
+def use_integer_mask_dropout(model: nn.Module) -> None:
+    """Swap every LoRA dropout of a peft model for IntegerMaskDropout."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, nn.ModuleDict):
@@ -42,5 +41,3 @@ def use_integer_mask_dropout(model: nn.Module) -> int:
         for name, dropout in dropouts.items():
             if isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 dropouts[name] = IntegerMaskDropout(dropout.p)
-                swapped += 1
-    return swapped

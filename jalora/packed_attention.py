@@ -1,11 +1,12 @@
 """Attention for packed rows that costs what the examples cost on their own.
 
 With a block-diagonal mask, sdpa computes the scores of the whole packed row against itself
-and discards those across examples: four 400-token examples in one row cost 16 times the
-scores they need (8 times with causality), which on a small model is as much work as its
-linear layers. Given the examples' boundaries (`cu_seq_lens_q`, the keyword that flash
-attention's variable-length path reads too), this runs causal sdpa on each example's slice
-instead. Every other batch (padded, generation with a cache) goes to sdpa with its mask.
+and discards those across examples: four 400-token examples in one row cost 4 times the
+scores they need, 8 times counting that each example's own are causal, which on a small model
+is nearly as much work as its linear layers. Given the examples' boundaries (`cu_seq_lens_q`,
+the keyword that flash attention's variable-length path reads too), this runs causal sdpa on
+each example's slice instead. Every other batch (padded, generation with a cache) goes to sdpa
+with its mask.
 """
 
 from __future__ import annotations

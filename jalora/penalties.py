@@ -109,7 +109,7 @@ class Penalties:
             return processors
         exempt = (*exempt_token_ids(tokenizer, self.exempt), *stop_ids)
         if self.repetition != 1.0:
-            processors.append(RepetitionPenalty(self.repetition, 0, tuple(stop_ids)))
+            processors.append(RepetitionPenalty(self.repetition, 0, stop_ids))
         if self.generated_only != 1.0:
             processors.append(RepetitionPenalty(self.generated_only, prompt_length, exempt))
         if self.frequency or self.presence:
