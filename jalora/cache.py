@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jalora import __version__
-from jalora.data import Record, TokenizeStats, tokenize_records
+from jalora.data import TOKENIZATION_RULES, Record, TokenizeStats, tokenize_records
 from jalora.outputs import write_atomic
 from jalora.prompts import Prompter
 
@@ -55,6 +55,7 @@ def cache_key(records: list[Record], prompter: Prompter, settings: dict) -> str:
         digest.update(json.dumps(fields, ensure_ascii=False).encode())
     meta = {
         "jalora": __version__,
+        "tokenization": TOKENIZATION_RULES,
         "tokenizer": tokenizer_fingerprint(prompter.tokenizer),
         "template": asdict(prompter.template),
         "system_prompt": prompter.system_prompt,

@@ -18,6 +18,8 @@ from jalora.errors import UserError
 from jalora.prompts import Prompter
 
 IGNORE_INDEX = -100
+# Part of the tokenization cache key: raise it whenever the same records and tokenizer give other ids.
+TOKENIZATION_RULES = 2  # 2: answers as the continuation of the joint text; multi-turn cuts at whole turns
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 # format name -> (required string fields, optional string fields)
@@ -241,13 +243,42 @@ class TokenizeStats:
     dropped: int = 0
 
 
-def _segments(record: Record, prompter: Prompter) -> list[tuple[str, bool]]:
-    if record.messages:
-        try:
-            return prompter.chat_segments(record.messages)
-        except UserError as err:
-            raise UserError(f"{record.where}: {err}") from None
-    return [(prompter.render(record.instruction, record.input), False), (record.output, True)]
+Segments = list[tuple[str, bool]]
+
+
+def _segments(record: Record, prompter: Prompter) -> Segments:
+    """(text, is_supervised) pieces of one record, in order; the supervised ones as the template writes them."""
+    answer = None if record.messages else prompter.answer_text(record.output)
+    if answer is not None:
+        return [(prompter.render(record.instruction, record.input), False), (answer, True)]
+    messages = record.messages or [
+        {"role": "user", "content": prompter.user_message(record.instruction, record.input)},
+        {"role": "assistant", "content": record.output},
+    ]
+    try:
+        return prompter.chat_segments(messages)
+    except UserError as err:
+        raise UserError(f"{record.where}: {err}") from None
+
+
+def segment_ids(
+    segments: list[list[tuple[str, bool]]], prompter: Prompter, add_eos_token: bool
+) -> list[list[list[int]]]:
+    """Token ids of every piece, batched: the first piece of a record as generation encodes a prompt,
+    each later one as the continuation of the record's text before it (`Prompter.encode_after`),
+    where the text before an answer's successor holds the eos written after the answer."""
+    eos_text = prompter.tokenizer.eos_token if add_eos_token else ""
+    contexts, texts = [], []
+    for segs in segments:
+        context = ""
+        for j, (text, supervised) in enumerate(segs):
+            if j:
+                contexts.append(context)
+                texts.append(text)
+            context += text + (eos_text if supervised else "")
+    firsts = iter(prompter.encode([segs[0][0] for segs in segments], first=True))
+    rest = iter(prompter.encode_after(contexts, texts))
+    return [[next(firsts) if j == 0 else next(rest) for j in range(len(segs))] for segs in segments]
 
 
 def tokenize_records(
@@ -259,36 +290,39 @@ def tokenize_records(
 ) -> tuple[list[dict], TokenizeStats]:
     """Token ids and labels for each record.
 
-    Prompt and response are tokenized separately and concatenated, so the mask boundary
-    is exact. Labels are masked by position, never by token id. Each supervised piece ends
-    with the preset's eos id; truncation keeps that eos as the last token. A record whose
-    prompt alone fills `cutoff_len` is dropped and counted.
+    An example is `prompt_ids + answer_ids + [eos]` (per assistant turn), where the prompt ids are
+    those generation feeds and the answer ids those the joint text `prompt + answer` has after
+    them, so the mask boundary is exact and no id appears that the joint text lacks. Labels are
+    masked by position, never by token id. Too long an example is cut back to its last complete
+    answer (with its eos); when not even the first answer fits, that answer is cut and still ends
+    with eos. A record whose first answer has no token within `cutoff_len` is dropped and counted.
     """
     segments = [_segments(r, prompter) for r in records]
-    flat = [text for segs in segments for text, _ in segs]
-    firsts = [j == 0 for segs in segments for j in range(len(segs))]
-    first_ids = iter(prompter.encode([t for t, f in zip(flat, firsts) if f], first=True))
-    other_ids = iter(prompter.encode([t for t, f in zip(flat, firsts) if not f], first=False))
     eos = prompter.tokenizer.eos_token_id
     stats = TokenizeStats()
     examples = []
-    for record, segs in zip(records, segments):
+    for record, segs, pieces in zip(records, segments, segment_ids(segments, prompter, add_eos_token)):
         input_ids: list[int] = []
         supervised: list[bool] = []
-        for j, (_, is_response) in enumerate(segs):
-            ids = next(first_ids) if j == 0 else next(other_ids)
+        turn_ends = []  # positions just after each complete answer (and its eos)
+        for (_, is_response), ids in zip(segs, pieces):
             if is_response and add_eos_token:
                 ids = [*ids, eos]
             input_ids += ids
             supervised += [is_response] * len(ids)
+            if is_response:
+                turn_ends.append(len(input_ids))
         if len(input_ids) > cutoff_len:
-            ends_with_eos = add_eos_token and segs[-1][1]
-            input_ids = input_ids[: cutoff_len - 1] + [eos] if ends_with_eos else input_ids[:cutoff_len]
-            supervised = supervised[:cutoff_len]
-            if not any(supervised[:-1] if ends_with_eos else supervised):
-                stats.dropped += 1
-                continue
-            supervised[-1] = supervised[-1] or ends_with_eos
+            complete = [end for end in turn_ends if end <= cutoff_len]
+            if complete:
+                input_ids, supervised = input_ids[: complete[-1]], supervised[: complete[-1]]
+            else:  # cut inside the first answer, keeping its eos last
+                keep = cutoff_len - 1 if add_eos_token else cutoff_len
+                if not any(supervised[:keep]):
+                    stats.dropped += 1
+                    continue
+                input_ids = input_ids[:keep] + [eos] * add_eos_token
+                supervised = supervised[:keep] + [True] * add_eos_token
             stats.truncated += 1
         labels = [t if (s or train_on_inputs) else IGNORE_INDEX for t, s in zip(input_ids, supervised)]
         examples.append({"input_ids": input_ids, "labels": labels, "category": record.category})

@@ -21,6 +21,8 @@ PLACEHOLDERS = ("instruction", "input", "system")
 # User messages a chat template must pass through untouched before its rendering is reused as a frame:
 # edge whitespace and newlines (templates that trim fail here), braces, quotes, backslashes, Japanese.
 FRAME_PROBES = ("x", "  前後に空白\n\n", "\n改行\nあり ", "{{ '{%' }} {x} \"'\\", "。")
+# How much of the text before a piece is joined to it to find the piece's ids (see `encode_after`).
+CONTEXT_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class Prompter:
     def render(self, instruction: str, input: str = "") -> str:
         """The prompt text for one instruction, exactly as the model sees it (before BOS)."""
         if self.template.use_chat_template:
-            user = f"{instruction}\n\n{input}" if input else instruction
+            user = self.user_message(instruction, input)
             if self._user_frame is None:
                 return self.render_chat([{"role": "user", "content": user}])
             prefix, write, suffix = self._user_frame
@@ -128,11 +130,22 @@ class Prompter:
         fmt = self.template.prompt_input if input else self.template.prompt_no_input
         return fmt.format(instruction=instruction, input=input, system=self.system_prompt or "")
 
+    @staticmethod
+    def user_message(instruction: str, input: str = "") -> str:
+        """The user turn a chat template is given for an (instruction, input) record."""
+        return f"{instruction}\n\n{input}" if input else instruction
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """The messages a chat template renders: the system prompt first, unless one is there."""
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Chat messages through the tokenizer's template, with the system prompt added if missing."""
-        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            self.with_system(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     @cached_property
     def _user_frame(self) -> tuple[str, Callable[[str], str], str] | None:
@@ -151,11 +164,39 @@ class Prompter:
                 return prefix, write, suffix
         return None
 
+    def rendered_answer(self, before: list[dict], content: str) -> str:
+        """The assistant reply `content` as the chat template writes it after the messages `before`
+        (Llama-3's template trims it), without the end-of-turn token that follows it."""
+        prompt = self.render_chat(before, add_generation_prompt=True)
+        full = self.render_chat([*before, {"role": "assistant", "content": content}], add_generation_prompt=False)
+        eos = self.tokenizer.eos_token or ""
+        if not full.startswith(prompt) or eos not in full[len(prompt) :]:
+            return content  # the template ends turns with another token: train on the reply as given
+        return full[len(prompt) : full.index(eos, len(prompt))]
+
+    @cached_property
+    def _answer_write(self) -> Callable[[str], str] | None:
+        """How the chat template writes a single-turn reply (as is, or stripped), when every probe
+        shows one of those; then single-turn records need no Jinja call for their answer."""
+        before = [{"role": "user", "content": "x"}]
+        for write in (str, str.strip):
+            if all(self.rendered_answer(before, probe) == write(probe) for probe in FRAME_PROBES):
+                return write
+        return None
+
+    def answer_text(self, output: str) -> str | None:
+        """The supervised text of a single-turn record: the output as the template writes it,
+        or None when only a full rendering of the conversation can tell (`chat_segments`)."""
+        if not self.template.use_chat_template:
+            return output
+        return self._answer_write(output) if self._answer_write else None
+
     def chat_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """Split a conversation into (text, is_assistant) pieces for masking by position.
 
-        Assistant pieces are the replies alone (the caller appends the eos id); the template's
-        text between turns, including its end-of-turn token, opens the following prompt piece.
+        Assistant pieces are the replies as the template writes them (trimmed by Llama-3's), without
+        the end-of-turn token (the caller appends the eos id); the template's text between turns,
+        after that token, opens the following prompt piece.
         """
         if not self.template.use_chat_template:
             raise UserError(
@@ -173,8 +214,9 @@ class Prompter:
                     f"the chat template of this tokenizer is not prefix-stable, so turn {i} cannot be "
                     "masked exactly; train on single-turn data instead"
                 )
-            segments += [(prompt[len(consumed) :], False), (message["content"], True)]
-            consumed = prompt + message["content"] + (self.tokenizer.eos_token or "")
+            answer = self.rendered_answer(messages[:i], message["content"])
+            segments += [(prompt[len(consumed) :], False), (answer, True)]
+            consumed = prompt + answer + (self.tokenizer.eos_token or "")
         return segments
 
     def _map_newlines(self, text: str) -> str:
@@ -192,6 +234,32 @@ class Prompter:
         if first and self.add_bos and bos is not None:
             ids = [row if row[:1] == [bos] else [bos, *row] for row in ids]
         return ids
+
+    def encode_after(self, contexts: list[str], texts: list[str]) -> list[list[int]]:
+        """Ids of each text where it continues its context in the joint text `context + text`.
+
+        Encoding a text on its own is wrong for SentencePiece tokenizers: they put their dummy
+        prefix `▁` in front, an id the joint text never has there. Encoding every joint text would
+        tokenize each prompt twice (a third slower), so only the context's last CONTEXT_CHARS
+        characters are joined with the text: tokenizers merge locally, and the ids after that
+        window are the joint text's (the tests compare them with whole joint encodings on the real
+        tokenizers). Where the window's own ids are not a prefix of the joined ids, the tokenizer
+        merges across the boundary (`[/INST] ` + `The` is `]` `▁The`) and no split of the joint ids
+        gives the text; then the text is encoded after the eos token, which tokenizers split on
+        without a dummy prefix, so its ids decode to exactly the text after the context's ids.
+        """
+        windows = [context[-CONTEXT_CHARS:] for context in contexts]
+        unique = list(dict.fromkeys(windows))
+        window_ids = dict(zip(unique, self.encode(unique, first=False)))
+        pieces: list[list[int] | None] = []
+        for window, ids in zip(windows, self.encode([w + t for w, t in zip(windows, texts)], first=False)):
+            head = window_ids[window]
+            pieces.append(ids[len(head) :] if ids[: len(head)] == head and len(ids) > len(head) else None)
+        merged = [i for i, ids in enumerate(pieces) if ids is None]
+        eos_text, eos = self.tokenizer.eos_token, self.tokenizer.eos_token_id
+        for i, ids in zip(merged, self.encode([eos_text + texts[i] for i in merged], first=False)):
+            pieces[i] = ids[1:] if ids[:1] == [eos] else self.encode([texts[i]], first=False)[0]
+        return pieces  # type: ignore[return-value]
 
     def decode(self, ids: list[int]) -> str:
         """Answer text from generated ids: special tokens dropped, <NL> back to newlines, and no

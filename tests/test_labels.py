@@ -29,8 +29,11 @@ def test_pad_is_never_eos(tiny_model_dir, family):
 def test_prompt_masked_and_last_label_is_eos(tiny_model_dir, family):
     prompter = prompter_for(tiny_model_dir, family)
     (example,), _ = tokenize_records([RECORD], prompter, cutoff_len=512)
-    prompt_ids = prompter.encode([prompter.render(RECORD.instruction, RECORD.input)])[0]
-    response_ids = prompter.encode([RECORD.output], first=False)[0]
+    prompt = prompter.render(RECORD.instruction, RECORD.input)
+    prompt_ids = prompter.encode([prompt])[0]
+    joint = prompter.encode([prompt + RECORD.output])[0]
+    assert joint[: len(prompt_ids)] == prompt_ids
+    response_ids = joint[len(prompt_ids) :]  # the answer's ids where the joint text has them
     eos = prompter.tokenizer.eos_token_id
     # ids are exactly prompt + response + eos, and the mask boundary is exact
     assert example["input_ids"] == prompt_ids + response_ids + [eos]
