@@ -7,6 +7,7 @@ import fire
 from jalora.evaluate import evaluate
 from jalora.export import merge
 from jalora.generation import main as generate
+from jalora.inspection import inspect
 from jalora.memory import estimate
 from jalora.presets import presets_table
 from jalora.train import finetune
@@ -25,6 +26,7 @@ COMMANDS = {
     "merge": merge,
     "presets": presets,
     "estimate": estimate,
+    "inspect": inspect,
     "ui": ui,
 }
 

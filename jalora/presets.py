@@ -8,7 +8,7 @@ pad, how the prompt is written. Everything downstream reads them from here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jalora.errors import UserError
 
@@ -20,6 +20,7 @@ ELYZA_SYSTEM = "あなたは誠実で優秀な日本人のアシスタントで�
 LLAMA3_ELYZA_SYSTEM = ELYZA_SYSTEM + "特に指示が無い場合は、常に日本語で回答してください。"
 # llm-jp-3's chat template writes its fixed preamble only when a system message is present.
 LLMJP_SYSTEM = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"
+CALM3_SYSTEM = "あなたは親切なAIアシスタントです。"  # the calm3-22b-chat card's example
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Preset:
     None means: as the tokenizer itself does (for the generic preset).
     `config_signatures` are (model_type, vocab_size) pairs that identify the family from a
     config when the model id or folder name does not (vocab_size None: any).
+    `required_tokens` are special tokens the family's tokenizer has; detection from a folder
+    checks them, so a renamed Llama-2 Swallow is not taken for a Llama-3 one.
     `sentencepiece_files` makes the tokenizer load straight from that SentencePiece file
     instead of through AutoTokenizer (see jalora/sentencepiece_tokenizer.py).
     """
@@ -50,9 +53,42 @@ class Preset:
     eos_token: str | None = None
     pad_candidates: tuple[str, ...] = ()
     newline_token: str | None = None
+    required_tokens: tuple[str, ...] = ()
     sentencepiece_files: tuple[str, ...] = ()
     generation: dict = field(default_factory=dict)
 
+
+LLAMA3_ELYZA = Preset(
+    name="llama3-elyza",
+    examples=("elyza/Llama-3-ELYZA-JP-8B",),
+    architecture="llama",
+    id_patterns=("llama-3-elyza",),
+    target_modules=LLAMA_LINEARS,
+    template="chat",
+    context_length=8192,
+    add_bos=False,  # the chat template writes <|begin_of_text|> itself
+    config_signatures=(("llama", 128256),),
+    system_prompt=LLAMA3_ELYZA_SYSTEM,
+    eos_token="<|eot_id|>",
+    pad_candidates=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"),
+    required_tokens=("<|eot_id|>",),
+    generation=dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1),
+)
+QWEN25 = Preset(
+    name="qwen2.5",
+    examples=("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
+    architecture="qwen2",
+    id_patterns=("qwen2.5", "qwen2-"),
+    target_modules=LLAMA_LINEARS,
+    template="chat",
+    context_length=32768,
+    add_bos=False,
+    config_signatures=(("qwen2", None),),
+    system_prompt=ELYZA_SYSTEM,
+    eos_token="<|im_end|>",
+    pad_candidates=("<|endoftext|>",),
+    generation=dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05),
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -126,21 +162,7 @@ PRESETS: dict[str, Preset] = {
             pad_candidates=("<unk>",),
             generation=dict(temperature=0.2, top_p=0.95, repetition_penalty=1.05),
         ),
-        Preset(
-            name="llama3-elyza",
-            examples=("elyza/Llama-3-ELYZA-JP-8B",),
-            architecture="llama",
-            id_patterns=("llama-3-elyza",),
-            target_modules=LLAMA_LINEARS,
-            template="chat",
-            context_length=8192,
-            add_bos=False,  # the chat template writes <|begin_of_text|> itself
-            config_signatures=(("llama", 128256),),
-            system_prompt=LLAMA3_ELYZA_SYSTEM,
-            eos_token="<|eot_id|>",
-            pad_candidates=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>"),
-            generation=dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1),
-        ),
+        LLAMA3_ELYZA,
         Preset(
             name="swallow",
             examples=("tokyotech-llm/Swallow-7b-hf", "tokyotech-llm/Swallow-7b-instruct-hf"),
@@ -154,6 +176,24 @@ PRESETS: dict[str, Preset] = {
             eos_token="</s>",
             pad_candidates=("<unk>",),
             generation=dict(temperature=0.6, top_p=0.9, repetition_penalty=1.1),
+        ),
+        replace(
+            LLAMA3_ELYZA,
+            name="llama3.1-elyza",
+            examples=("elyza/Llama-3.1-ELYZA-JP-8B",),
+            id_patterns=("llama-3.1-elyza",),
+            context_length=131072,
+        ),
+        replace(
+            LLAMA3_ELYZA,
+            name="llama3-swallow",
+            examples=(
+                "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3",
+                "tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1",
+            ),
+            # "swallow" too: the config (vocabulary 128256) and <|eot_id|> tell it from Llama-2 Swallow
+            id_patterns=("llama-3-swallow", "llama-3.1-swallow", "swallow"),
+            system_prompt=ELYZA_SYSTEM,
         ),
         Preset(
             name="llm-jp-3",
@@ -170,20 +210,43 @@ PRESETS: dict[str, Preset] = {
             pad_candidates=("<PAD|LLM-jp>",),
             generation=dict(temperature=0.7, top_p=0.95, repetition_penalty=1.05),
         ),
+        QWEN25,
+        replace(
+            QWEN25,
+            name="tinyswallow",
+            examples=("SakanaAI/TinySwallow-1.5B-Instruct",),
+            id_patterns=("tinyswallow",),
+            config_signatures=(("qwen2", 151936),),
+        ),
         Preset(
-            name="qwen2.5",
-            examples=("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
-            architecture="qwen2",
-            id_patterns=("qwen2.5", "qwen2-"),
+            name="calm3",
+            examples=("cyberagent/calm3-22b-chat",),
+            architecture="llama",
+            id_patterns=("calm3",),
             target_modules=LLAMA_LINEARS,
-            template="chat",
-            context_length=32768,
+            template="chat",  # ChatML
+            context_length=16384,
             add_bos=False,
-            config_signatures=(("qwen2", None),),
-            system_prompt=ELYZA_SYSTEM,
+            config_signatures=(("llama", 65024),),
+            system_prompt=CALM3_SYSTEM,
             eos_token="<|im_end|>",
-            pad_candidates=("<|endoftext|>",),
-            generation=dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05),
+            pad_candidates=("<|padding|>",),
+            required_tokens=("<|im_start|>", "<|im_end|>"),
+            generation=dict(temperature=0.5, top_p=0.9, repetition_penalty=1.05),
+        ),
+        Preset(
+            name="sarashina2",
+            examples=("sbintuitions/sarashina2-7b", "sbintuitions/sarashina2-13b", "sbintuitions/sarashina2-70b"),
+            architecture="llama",
+            id_patterns=("sarashina2",),
+            target_modules=LLAMA_LINEARS,
+            template="alpaca_ja",  # a base model: no chat template
+            context_length=4096,
+            add_bos=None,  # as its tokenizer_config.json says
+            config_signatures=(("llama", 102400),),
+            eos_token="</s>",
+            pad_candidates=("<pad>",),
+            generation=dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
         ),
         Preset(
             name="smollm2",
@@ -220,18 +283,32 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def detect_preset(model_id: str, config=None) -> Preset:
-    """The preset whose id pattern occurs in the model id or path, else the one whose
-    (model_type, vocab_size) signature matches the config, else the generic one (with a warning)."""
+def detect_preset(model_id: str, config=None, tokens: frozenset[str] | None = None) -> Preset:
+    """The preset for a model, from its id or path, its config and its tokenizer's special tokens.
+
+    A preset is a candidate when a pattern of it occurs in the id, or its (model_type, vocab_size)
+    signature matches the config. A name match that config and tokens agree with wins; then a
+    preset the config alone names; then the longest name match (the stand-in test models carry
+    family names with small configs). Llama-3.1-Swallow thus gets Llama-3 rules although its name
+    says "swallow". Without any candidate: the generic preset, with a warning.
+    """
     lowered = model_id.lower()
-    specific = [p for p in PRESETS.values() if p.name != "generic"]
-    for preset in specific:
-        if any(pattern in lowered for pattern in (preset.name, *preset.id_patterns)):
-            return preset
     model_type, vocab_size = getattr(config, "model_type", None), getattr(config, "vocab_size", None)
-    for preset in specific:
-        if any(t == model_type and v in (None, vocab_size) for t, v in preset.config_signatures):
-            return preset
+
+    def signature_matches(preset: Preset) -> bool:
+        return any(t == model_type and v in (None, vocab_size) for t, v in preset.config_signatures)
+
+    def rank(index: int, preset: Preset) -> tuple:
+        name = max((len(p) for p in (preset.name, *preset.id_patterns) if p in lowered), default=0)
+        tokens_fit = tokens is None or set(preset.required_tokens) <= tokens
+        config_fits = config is None or not preset.config_signatures or signature_matches(preset)
+        by_config = config is not None and signature_matches(preset) and tokens_fit
+        return (name > 0 and config_fits and tokens_fit, by_config, name, -index)
+
+    ranks = [(rank(i, p), p) for i, p in enumerate(PRESETS.values()) if p.name != "generic"]
+    candidates = [(r, p) for r, p in ranks if r[1] or r[2]]
+    if candidates:
+        return max(candidates, key=lambda rp: rp[0])[1]
     log.warning(
         "no preset matches %r (model_type %s, vocab %s): using 'generic' (LoRA on all linears, template "
         "alpaca_ja, BOS as the tokenizer adds it). Pass --preset to choose one; `jalora presets` lists them.",
@@ -240,6 +317,22 @@ def detect_preset(model_id: str, config=None) -> Preset:
         vocab_size,
     )
     return PRESETS["generic"]
+
+
+def special_tokens_in(path: str) -> frozenset[str] | None:
+    """The special tokens a model's tokenizer_config.json declares (no tokenizer is built), or None
+    when there is no such file to read."""
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        config = get_tokenizer_config(path)
+    except OSError:
+        return None
+    if "added_tokens_decoder" not in config:  # written by transformers 5 into tokenizer.json only: unknown
+        return None
+    declared = [v.get("content") for v in config.get("added_tokens_decoder", {}).values() if isinstance(v, dict)]
+    named = [config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
+    return frozenset(t for t in declared + named if isinstance(t, str))
 
 
 def _short_targets(targets: tuple[str, ...]) -> str:
@@ -266,7 +359,7 @@ def presets_table() -> str:
                 p.template,
                 p.eos_token or "tokenizer's",
                 pad,
-                str(p.context_length),
+                f"{p.context_length // 1024}k",
                 " ".join(f"{SHORT_FLAGS.get(k, k)}={v}" for k, v in p.generation.items()),
             )
         )

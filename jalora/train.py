@@ -46,7 +46,7 @@ from jalora.outputs import (
 from jalora.packed_attention import use_packed_attention
 from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
 from jalora.preflight import base_config_summary, check_training_flags
-from jalora.presets import detect_preset, get_preset, presets_table
+from jalora.presets import detect_preset, get_preset, presets_table, special_tokens_in
 from jalora.prompts import Prompter, load_template
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,12 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample
 
 
 def resolve_preset(preset: str | None, base_model: str, trust_remote_code: bool = False):
-    """The preset named, else the one detected from the model id / path and its config."""
+    """The preset named, else the one detected from the model id / path, its config and tokenizer."""
     if preset:
         return get_preset(preset)
-    config = load_config(resolve_source(base_model), trust_remote_code)
-    return detect_preset(base_model, config)
+    source = resolve_source(base_model)
+    config = load_config(source, trust_remote_code)
+    return detect_preset(base_model, config, None if source.gguf_file else special_tokens_in(source.path))
 
 
 @friendly_errors

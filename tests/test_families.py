@@ -19,7 +19,7 @@ from jalora.data import IGNORE_INDEX, Record, load_records, tokenize_records
 from jalora.errors import UserError
 from jalora.generation import Generator, Sampling
 from jalora.modeling import load_model, load_tokenizer, resolve_source
-from jalora.presets import ELYZA_SYSTEM, PRESETS, detect_preset, presets_table
+from jalora.presets import ELYZA_SYSTEM, PRESETS, detect_preset, presets_table, special_tokens_in
 from jalora.prompts import Prompter, load_template
 from jalora.train import SAMPLE_DATA, finetune, resolve_preset
 
@@ -74,6 +74,12 @@ SEED_IDS = {
     "tokyotech-llm/Swallow-7b-instruct-hf": "swallow",
     "llm-jp/llm-jp-3-1.8b-instruct": "llm-jp-3",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2.5",
+    "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3": "llama3-swallow",
+    "tokyotech-llm/Llama-3-Swallow-8B-Instruct-v0.1": "llama3-swallow",
+    "elyza/Llama-3.1-ELYZA-JP-8B": "llama3.1-elyza",
+    "cyberagent/calm3-22b-chat": "calm3",
+    "SakanaAI/TinySwallow-1.5B-Instruct": "tinyswallow",
+    "sbintuitions/sarashina2-7b": "sarashina2",
 }
 
 
@@ -93,6 +99,8 @@ def test_preset_detected_from_model_id(model_id):
         ("llama", 43176, "swallow"),
         ("llama", 99584, "llm-jp-3"),
         ("qwen2", 152064, "qwen2.5"),
+        ("llama", 65024, "calm3"),
+        ("llama", 102400, "sarashina2"),
         ("llama", 32000, "generic"),  # plain Llama-2: no family to assume
     ],
 )
@@ -101,6 +109,33 @@ def test_preset_detected_from_config_in_a_renamed_folder(model_type, vocab_size,
     with caplog.at_level(logging.WARNING, logger="jalora.presets"):
         assert detect_preset("/models/my-finetune", config).name == expected
     assert ("using 'generic'" in caplog.text) == (expected == "generic")
+
+
+LLAMA3_TOKENS = frozenset({"<|begin_of_text|>", "<|eot_id|>"})
+
+
+@pytest.mark.parametrize(
+    "model_id, vocab_size, tokens, expected",
+    [
+        ("tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3", 128256, LLAMA3_TOKENS, "llama3-swallow"),
+        ("/models/swallow-ft", 128256, LLAMA3_TOKENS, "llama3-swallow"),  # the name alone says Llama-2 Swallow
+        ("/models/swallow-ft", 43176, frozenset({"<s>", "</s>"}), "swallow"),
+        ("/models/ft", 65024, frozenset({"<|im_start|>", "<|im_end|>"}), "calm3"),
+        ("/models/ft", 65024, frozenset({"<|endoftext|>"}), "generic"),  # calm2's vocabulary without ChatML tokens
+        ("SakanaAI/TinySwallow-1.5B-Instruct", 151936, None, "tinyswallow"),
+    ],
+)
+def test_preset_detected_from_name_config_and_tokenizer_together(model_id, vocab_size, tokens, expected):
+    config = type("Config", (), {"model_type": "qwen2" if "Tiny" in model_id else "llama", "vocab_size": vocab_size})()
+    assert detect_preset(model_id, config, tokens).name == expected
+
+
+def test_special_tokens_are_read_from_the_tokenizer_config(tmp_path):
+    declared = {"128000": {"content": "<|begin_of_text|>"}, "128009": {"content": "<|eot_id|>"}}
+    config = {"added_tokens_decoder": declared, "eos_token": "<|eot_id|>", "pad_token": None}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert special_tokens_in(str(tmp_path)) == {"<|begin_of_text|>", "<|eot_id|>"}
+    assert special_tokens_in(str(SAMPLE_DATA.parent)) is None  # no tokenizer_config.json: unknown, not empty
 
 
 def test_presets_table_lists_every_preset(capsys):
