@@ -261,9 +261,7 @@ def _segments(record: Record, prompter: Prompter) -> Segments:
         raise UserError(f"{record.where}: {err}") from None
 
 
-def segment_ids(
-    segments: list[list[tuple[str, bool]]], prompter: Prompter, add_eos_token: bool
-) -> list[list[list[int]]]:
+def segment_ids(segments: list[Segments], prompter: Prompter, add_eos_token: bool) -> list[list[list[int]]]:
     """Token ids of every piece, batched: the first piece of a record as generation encodes a prompt,
     each later one as the continuation of the record's text before it (`Prompter.encode_after`),
     where the text before an answer's successor holds the eos written after the answer."""
@@ -317,12 +315,13 @@ def tokenize_records(
             if complete:
                 input_ids, supervised = input_ids[: complete[-1]], supervised[: complete[-1]]
             else:  # cut inside the first answer, keeping its eos last
-                keep = cutoff_len - 1 if add_eos_token else cutoff_len
+                tail = [eos] if add_eos_token else []
+                keep = cutoff_len - len(tail)
                 if not any(supervised[:keep]):
                     stats.dropped += 1
                     continue
-                input_ids = input_ids[:keep] + [eos] * add_eos_token
-                supervised = supervised[:keep] + [True] * add_eos_token
+                input_ids = input_ids[:keep] + tail
+                supervised = supervised[:keep] + [True] * len(tail)
             stats.truncated += 1
         labels = [t if (s or train_on_inputs) else IGNORE_INDEX for t, s in zip(input_ids, supervised)]
         examples.append({"input_ids": input_ids, "labels": labels, "category": record.category})
