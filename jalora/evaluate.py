@@ -189,7 +189,7 @@ def evaluate(
     generator = Generator.load(
         lora_weights=lora_weights,
         base_model=base_model,
-        quantization=quantization or record.get("quantization"),
+        quantization=quantization,
         trust_remote_code=trust_remote_code,
     )
     if tasks:

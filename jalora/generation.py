@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteriaList
 
 from jalora.errors import UserError, friendly_errors
+from jalora.generation_config import eos_ids_of, neutralise, suggestion_note
 from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_config, load_model, load_tokenizer, resolve_source
 from jalora.outputs import read_run_record
 from jalora.penalties import DEFAULT_EXEMPT, Penalties
@@ -93,8 +94,19 @@ class Sampling:
 
     def check(self, preset: Preset) -> None:
         """Fail on contradictory flags before any generation starts."""
-        self.to_kwargs(preset)
-        self.penalties(preset)
+        self.in_effect(preset)
+
+    def in_effect(self, preset: Preset) -> dict:
+        """Every decoding setting generate() runs with (flags, else the preset's defaults); nothing
+        else applies (the model's generation_config is neutralised, see generation_config.py)."""
+        penalties = self.penalties(preset)
+        settings = self.to_kwargs(preset) | {
+            "repetition_penalty": penalties.repetition,
+            "generated_only_penalty": penalties.generated_only,
+            "frequency_penalty": penalties.frequency,
+            "presence_penalty": penalties.presence,
+        }
+        return settings | ({"stop": list(self.stop)} if self.stop else {})
 
 
 def until_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
@@ -110,9 +122,22 @@ class Generator:
         self.tokenizer = tokenizer
         self.prompter = prompter
         self.assistant = assistant
-        eos = model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        eos = eos_ids_of(model.generation_config)
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos})
+        self.suggested = neutralise(model, self.eos_ids, tokenizer.pad_token_id)
+        if assistant is not None:
+            neutralise(assistant, self.eos_ids, tokenizer.pad_token_id)
+
+    def settings_note(self, sampling: Sampling) -> str | None:
+        """The model's own suggestions that differ from the settings in effect, as one line."""
+        return suggestion_note(self.suggested, sampling.in_effect(self.prompter.preset))
+
+    def settings_report(self, sampling: Sampling) -> str:
+        """The decoding settings in effect, for --report."""
+        settings = sampling.in_effect(self.prompter.preset)
+        mode = "sampling" if settings.pop("do_sample") else "beam search" if settings["num_beams"] > 1 else "greedy"
+        stops = ", ".join(f"{self.tokenizer.convert_ids_to_tokens(i)} {i}" for i in self.eos_ids)
+        return f"{mode}, " + ", ".join(f"{k} {v}" for k, v in settings.items()) + f"; eos (never penalised): {stops}"
 
     @classmethod
     def load(
@@ -127,7 +152,7 @@ class Generator:
         assistant_model: str | None = None,
         device_map: str | None = None,
     ) -> Generator:
-        """Base model and prompt format from the adapter's run record; arguments override it.
+        """Base model, its quantization and prompt format from the adapter's run record; arguments override it.
         `device_map="auto"` spreads a model too large for one GPU over all GPUs (and CPU RAM)."""
         from peft import PeftModel
 
@@ -144,7 +169,9 @@ class Generator:
         if system_prompt is None:
             system_prompt = record.get("system_prompt")
         prompter = Prompter(template, tokenizer, the_preset, system_prompt)
-        model = load_model(source, quantization or "none", compute_dtype(), trust_remote_code, device_map)
+        quantization, why = (quantization, "--quantization") if quantization else run_quantization(record)
+        print(f"base model {base_model} loaded with quantization {quantization} ({why})", file=sys.stderr)
+        model = load_model(source, quantization, compute_dtype(), trust_remote_code, device_map)
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora_weights:
             check_adapter_fits(lora_weights, model)
@@ -213,6 +240,13 @@ class Generator:
             raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
         with self.model.disable_adapter():
             yield
+
+
+def run_quantization(record: dict) -> tuple[str, str]:
+    """How training loaded the base (an adapter is best used on the base it was trained against)."""
+    if "quantization" in record:
+        return record["quantization"], "as in training; --quantization overrides"
+    return "none", "the default; --quantization overrides"
 
 
 def load_assistant(name: str, tokenizer, trust_remote_code: bool = False):
@@ -336,6 +370,11 @@ def main(
         device_map,
     )
     sampling.check(generator.prompter.preset)  # fail on bad flags before generating anything
+    note = generator.settings_note(sampling)
+    if note:
+        print(note, file=sys.stderr)
+    if report:
+        print(f"[report] decoding: {generator.settings_report(sampling)}", file=sys.stderr, flush=True)
     if interactive:
         from jalora.chat import chat_loop
 
