@@ -1,6 +1,7 @@
 """The HF Trainer with two additions: it counts the tokens it trains on, and it can compute
 the loss from supervised positions only, optionally in chunks (jalora/loss.py), instead of
-materialising logits for every token.
+materialising logits for every token. That shortcut runs under the accelerator's autocast, as
+the Trainer's own forward does, so mixed precision is the same on both paths.
 
 Gradient accumulation stays the Trainer's own: it passes `num_items_in_batch` (supervised
 tokens in the whole accumulated batch) to every micro-batch's loss, which makes micro-batch
@@ -29,4 +30,6 @@ class LeanTrainer(Trainer):
             self.counter.add(inputs)
         if not self.supervised_head or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return causal_lm_loss(self.model, inputs, num_items_in_batch, self.ce_chunk_size)
+        # accelerate puts autocast around model.forward only; the shortcut calls the decoder itself
+        with self.accelerator.autocast():
+            return causal_lm_loss(self.model, inputs, num_items_in_batch, self.ce_chunk_size)

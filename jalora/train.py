@@ -338,7 +338,7 @@ def _build_trainer(
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         warmup_steps=min(warmup_steps, total_steps // 10),
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,  # torch's CPU autocast runs bf16 too
         fp16=dtype == torch.float16,
         logging_steps=min(logging_steps, max(1, total_steps // 10)),
         eval_strategy="steps" if val_set else "no",
