@@ -23,6 +23,7 @@ from jalora.data import IGNORE_INDEX, fingerprint, iter_rows, load_records, toke
 from jalora.errors import UserError, friendly_errors
 from jalora.generation import Generator, Sampling
 from jalora.outputs import RUN_RECORD, read_run_record, write_atomic, write_json
+from jalora.quiet import quiet_third_party
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HELD_OUT_DATA = DATA_DIR / "dolly_ja_heldout.jsonl"
@@ -163,6 +164,7 @@ def evaluate(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int = 0,
     trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> dict:
     """Held-out loss/perplexity of an adapter (default), or answers to an ELYZA-tasks-100 file.
 
@@ -171,7 +173,9 @@ def evaluate(
     is written into the run record and model card. Tasks mode (--tasks elyza-tasks-100):
     answers go to --output_file (default: ADAPTER/elyza_tasks_answers.jsonl), greedy unless
     --temperature is set. The base model loads as in training (the run's quantization).
+    --verbose shows the libraries' warnings and log lines.
     """
+    quiet_third_party(verbose)
     if tasks is not None and tasks not in TASKS:
         raise UserError(f"unknown --tasks {tasks!r}; choose one of: {', '.join(TASKS)}")
     record = read_run_record(lora_weights)

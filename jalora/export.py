@@ -20,6 +20,7 @@ from jalora.generation_config import eos_ids_of
 from jalora.modeling import compute_dtype, load_model, load_tokenizer, resolve_source
 from jalora.outputs import read_run_record, write_atomic
 from jalora.presets import get_preset
+from jalora.quiet import quiet_third_party
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +73,7 @@ def merge(
     quantization: str | None = None,
     dtype: str | None = None,
     max_shard_size: str = "5GB",
+    verbose: bool = False,
 ) -> str:
     """Write base + adapter as one transformers model (safetensors shards, tokenizer, card).
 
@@ -79,7 +81,9 @@ def merge(
     dequantised first). Without --lora_weights the base alone is written, which turns a GGUF
     base into safetensors that bitsandbytes can quantize. --dtype: float32, bfloat16 or
     float16 (default: bf16/fp16 on a GPU, fp32 on the CPU). Returns the output folder.
+    --verbose shows the libraries' warnings and log lines.
     """
+    quiet_third_party(verbose)
     record = read_run_record(lora_weights) if lora_weights else {}
     base_model = base_model or record.get("base_model")
     if not base_model:

@@ -25,6 +25,7 @@ from jalora.penalties import DEFAULT_EXEMPT, Penalties
 from jalora.preflight import check_adapter_fits, check_base_matches
 from jalora.presets import Preset
 from jalora.prompts import Prompter, load_template
+from jalora.quiet import quiet_third_party
 from jalora.repetition_score import format_report, repetition_report
 from jalora.stop_strings import StopOnStrings, cut_at_stop, parse_stops
 from jalora.streaming import IncrementalText, stream_pieces
@@ -323,6 +324,7 @@ def main(
     assistant_model: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    verbose: bool = False,
 ) -> None:
     """Answer one instruction (--prompt, optional --input), every record of --input_file, or chat (--interactive).
 
@@ -330,6 +332,7 @@ def main(
     without sampling are an error rather than silently ignored. repetition_penalty defaults
     to the preset's recommendation. See docs/generation.md for every flag.
     """
+    quiet_third_party(verbose)
     if sum((prompt is not None, input_file is not None, bool(interactive))) != 1:
         raise UserError("give one of --prompt, --input_file (with --output_file) or --interactive")
     if input_file and not output_file:
