@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -197,6 +198,9 @@ def evaluate(
         trust_remote_code=trust_remote_code,
     )
     if tasks:
+        note = generator.settings_note(sampling)
+        if note:
+            print(note, file=sys.stderr)
         answered = answer_tasks(generator, rows, sampling, batch_size, compare_base)
         out = Path(output_file or Path(lora_weights) / "elyza_tasks_answers.jsonl")
         write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered).encode("utf-8"))
