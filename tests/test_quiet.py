@@ -37,7 +37,7 @@ def test_default_run_is_quiet_and_verbose_is_not(tiny_model_dir, tmp_path):
         "--batch_size=2",
         "--micro_batch_size=2",
         "--val_set_size=2",
-        "--eval_steps=1",
+        "--eval_steps=2",
         "--logging_steps=1",
         "--gradient_checkpointing=True",  # transformers warns (FutureWarning) about this flag's name
         cwd=tmp_path,
