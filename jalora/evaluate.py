@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from jalora.data import IGNORE_INDEX, fingerprint, iter_rows, load_records, toke
 from jalora.errors import UserError, friendly_errors
 from jalora.generation import Generator, Sampling
 from jalora.outputs import RUN_RECORD, read_run_record, write_atomic, write_json
+from jalora.quiet import quiet_third_party
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HELD_OUT_DATA = DATA_DIR / "dolly_ja_heldout.jsonl"
@@ -163,6 +165,7 @@ def evaluate(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int = 0,
     trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> dict:
     """Held-out loss/perplexity of an adapter (default), or answers to an ELYZA-tasks-100 file.
 
@@ -171,7 +174,9 @@ def evaluate(
     is written into the run record and model card. Tasks mode (--tasks elyza-tasks-100):
     answers go to --output_file (default: ADAPTER/elyza_tasks_answers.jsonl), greedy unless
     --temperature is set. The base model loads as in training (the run's quantization).
+    --verbose shows the libraries' warnings and log lines.
     """
+    quiet_third_party(verbose)
     if tasks is not None and tasks not in TASKS:
         raise UserError(f"unknown --tasks {tasks!r}; choose one of: {', '.join(TASKS)}")
     record = read_run_record(lora_weights)
@@ -189,10 +194,13 @@ def evaluate(
     generator = Generator.load(
         lora_weights=lora_weights,
         base_model=base_model,
-        quantization=quantization or record.get("quantization"),
+        quantization=quantization,
         trust_remote_code=trust_remote_code,
     )
     if tasks:
+        note = generator.settings_note(sampling)
+        if note:
+            print(note, file=sys.stderr)
         answered = answer_tasks(generator, rows, sampling, batch_size, compare_base)
         out = Path(output_file or Path(lora_weights) / "elyza_tasks_answers.jsonl")
         write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered).encode("utf-8"))

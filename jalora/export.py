@@ -16,9 +16,11 @@ import torch
 
 from jalora.card import CARD, merged_card
 from jalora.errors import UserError, friendly_errors
+from jalora.generation_config import eos_ids_of
 from jalora.modeling import compute_dtype, load_model, load_tokenizer, resolve_source
 from jalora.outputs import read_run_record, write_atomic
 from jalora.presets import get_preset
+from jalora.quiet import quiet_third_party
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +57,14 @@ def merged_model(base_model: str, lora_weights: str | None, quantization: str, d
     return savable(model)
 
 
+def stop_at_end_of_turn(generation_config, tokenizer) -> None:
+    """eos ids for serving stacks: the family's end-of-turn id first (the tokenizer's eos after the
+    preset's repair: Llama-3 <|eot_id|>, Qwen <|im_end|>), then the base's own. A base model's file
+    names only its end-of-text id, so a merged chat model served elsewhere would never stop."""
+    generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *eos_ids_of(generation_config)]))
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 @friendly_errors
 def merge(
     lora_weights: str | None = None,
@@ -63,6 +73,7 @@ def merge(
     quantization: str | None = None,
     dtype: str | None = None,
     max_shard_size: str = "5GB",
+    verbose: bool = False,
 ) -> str:
     """Write base + adapter as one transformers model (safetensors shards, tokenizer, card).
 
@@ -70,7 +81,9 @@ def merge(
     dequantised first). Without --lora_weights the base alone is written, which turns a GGUF
     base into safetensors that bitsandbytes can quantize. --dtype: float32, bfloat16 or
     float16 (default: bf16/fp16 on a GPU, fp32 on the CPU). Returns the output folder.
+    --verbose shows the libraries' warnings and log lines.
     """
+    quiet_third_party(verbose)
     record = read_run_record(lora_weights) if lora_weights else {}
     base_model = base_model or record.get("base_model")
     if not base_model:
@@ -89,6 +102,7 @@ def merge(
     tokenizer = load_tokenizer(resolve_source(base_model), preset)
     model = merged_model(base_model, lora_weights, quantization, the_dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
+    stop_at_end_of_turn(model.generation_config, tokenizer)
 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -18,12 +18,14 @@ import torch
 from transformers import StoppingCriteriaList
 
 from jalora.errors import UserError, friendly_errors
+from jalora.generation_config import eos_ids_of, neutralise, suggestion_note
 from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_config, load_model, load_tokenizer, resolve_source
 from jalora.outputs import read_run_record
 from jalora.penalties import DEFAULT_EXEMPT, Penalties
 from jalora.preflight import check_adapter_fits, check_base_matches
 from jalora.presets import Preset
 from jalora.prompts import Prompter, load_template
+from jalora.quiet import quiet_third_party
 from jalora.repetition_score import format_report, repetition_report
 from jalora.stop_strings import StopOnStrings, cut_at_stop, parse_stops
 from jalora.streaming import IncrementalText, stream_pieces
@@ -93,8 +95,19 @@ class Sampling:
 
     def check(self, preset: Preset) -> None:
         """Fail on contradictory flags before any generation starts."""
-        self.to_kwargs(preset)
-        self.penalties(preset)
+        self.in_effect(preset)
+
+    def in_effect(self, preset: Preset) -> dict:
+        """Every decoding setting generate() runs with (flags, else the preset's defaults); nothing
+        else applies (the model's generation_config is neutralised, see generation_config.py)."""
+        penalties = self.penalties(preset)
+        settings = self.to_kwargs(preset) | {
+            "repetition_penalty": penalties.repetition,
+            "generated_only_penalty": penalties.generated_only,
+            "frequency_penalty": penalties.frequency,
+            "presence_penalty": penalties.presence,
+        }
+        return settings | ({"stop": list(self.stop)} if self.stop else {})
 
 
 def until_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
@@ -110,9 +123,22 @@ class Generator:
         self.tokenizer = tokenizer
         self.prompter = prompter
         self.assistant = assistant
-        eos = model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        eos = eos_ids_of(model.generation_config)
         self.eos_ids = sorted({tokenizer.eos_token_id, *eos})
+        self.suggested = neutralise(model, self.eos_ids, tokenizer.pad_token_id)
+        if assistant is not None:
+            neutralise(assistant, self.eos_ids, tokenizer.pad_token_id)
+
+    def settings_note(self, sampling: Sampling) -> str | None:
+        """The model's own suggestions that differ from the settings in effect, as one line."""
+        return suggestion_note(self.suggested, sampling.in_effect(self.prompter.preset))
+
+    def settings_report(self, sampling: Sampling) -> str:
+        """The decoding settings in effect, for --report."""
+        settings = sampling.in_effect(self.prompter.preset)
+        mode = "sampling" if settings.pop("do_sample") else "beam search" if settings["num_beams"] > 1 else "greedy"
+        stops = ", ".join(f"{self.tokenizer.convert_ids_to_tokens(i)} {i}" for i in self.eos_ids)
+        return f"{mode}, " + ", ".join(f"{k} {v}" for k, v in settings.items()) + f"; eos (never penalised): {stops}"
 
     @classmethod
     def load(
@@ -127,7 +153,7 @@ class Generator:
         assistant_model: str | None = None,
         device_map: str | None = None,
     ) -> Generator:
-        """Base model and prompt format from the adapter's run record; arguments override it.
+        """Base model, its quantization and prompt format from the adapter's run record; arguments override it.
         `device_map="auto"` spreads a model too large for one GPU over all GPUs (and CPU RAM)."""
         from peft import PeftModel
 
@@ -144,7 +170,9 @@ class Generator:
         if system_prompt is None:
             system_prompt = record.get("system_prompt")
         prompter = Prompter(template, tokenizer, the_preset, system_prompt)
-        model = load_model(source, quantization or "none", compute_dtype(), trust_remote_code, device_map)
+        quantization, why = (quantization, "--quantization") if quantization else run_quantization(record)
+        print(f"base model {base_model} loaded with quantization {quantization} ({why})", file=sys.stderr)
+        model = load_model(source, quantization, compute_dtype(), trust_remote_code, device_map)
         model.config.pad_token_id = tokenizer.pad_token_id
         if lora_weights:
             check_adapter_fits(lora_weights, model)
@@ -213,6 +241,13 @@ class Generator:
             raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
         with self.model.disable_adapter():
             yield
+
+
+def run_quantization(record: dict) -> tuple[str, str]:
+    """How training loaded the base (an adapter is best used on the base it was trained against)."""
+    if "quantization" in record:
+        return record["quantization"], "as in training; --quantization overrides"
+    return "none", "the default; --quantization overrides"
 
 
 def load_assistant(name: str, tokenizer, trust_remote_code: bool = False):
@@ -289,6 +324,7 @@ def main(
     assistant_model: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    verbose: bool = False,
 ) -> None:
     """Answer one instruction (--prompt, optional --input), every record of --input_file, or chat (--interactive).
 
@@ -296,6 +332,7 @@ def main(
     without sampling are an error rather than silently ignored. repetition_penalty defaults
     to the preset's recommendation. See docs/generation.md for every flag.
     """
+    quiet_third_party(verbose)
     if sum((prompt is not None, input_file is not None, bool(interactive))) != 1:
         raise UserError("give one of --prompt, --input_file (with --output_file) or --interactive")
     if input_file and not output_file:
@@ -336,6 +373,11 @@ def main(
         device_map,
     )
     sampling.check(generator.prompter.preset)  # fail on bad flags before generating anything
+    note = generator.settings_note(sampling)
+    if note:
+        print(note, file=sys.stderr)
+    if report:
+        print(f"[report] decoding: {generator.settings_report(sampling)}", file=sys.stderr, flush=True)
     if interactive:
         from jalora.chat import chat_loop
 

@@ -14,6 +14,7 @@ from jalora.errors import UserError
 from jalora.lora_dropout import use_integer_mask_dropout
 from jalora.preflight import check_safe_weights
 from jalora.presets import Preset
+from jalora.quiet import library_bars_hidden
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,16 @@ def load_model(
         raise UserError("a GGUF base model loads in full precision; use --quantization none")
     if device_map is None:
         device_map = default_device_map()
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path,
-        dtype=dtype,
-        quantization_config=quant,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if source.gguf_file else True,
-        **source.kwargs(),
-    )
+    with library_bars_hidden():
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if source.gguf_file else True,
+            **source.kwargs(),
+        )
     if quantization == "4bit":
         keep_4bit_trainable(model)
     if source.gguf_file:

@@ -48,6 +48,7 @@ from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
 from jalora.preflight import base_config_summary, check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table, special_tokens_in
 from jalora.prompts import Prompter, load_template
+from jalora.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def finetune(
     eval_before_training: bool = True,
     wandb_project: str = "",
     report_to: str = "none",
+    verbose: bool = False,
 ) -> dict:
     """Fine-tune a LoRA adapter on instruction data and save it with its run record.
 
@@ -138,7 +140,9 @@ def finetune(
     with no padding (default on where it is exact); `gradient_checkpointing` defaults to on
     for 8/4-bit training; `chunked_ce` (default on for vocabularies of 64k+) never builds the
     full logits. Tokenized data is cached (JALORA_CACHE_DIR). Returns the run record.
+    --verbose shows the libraries' warnings and log lines (hidden by default).
     """
+    quiet_third_party(verbose)
     if preset == "list":
         print(presets_table())
         return {}
@@ -339,7 +343,7 @@ def _build_trainer(
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         warmup_steps=min(warmup_steps, total_steps // 10),
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,  # torch's CPU autocast runs bf16 too
         fp16=dtype == torch.float16,
         logging_steps=min(logging_steps, max(1, total_steps // 10)),
         eval_strategy="steps" if val_set else "no",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from jalora.errors import UserError, friendly_errors
 from jalora.generation import Generator, Sampling
 from jalora.penalties import DEFAULT_EXEMPT
+from jalora.quiet import quiet_third_party
 from jalora.repetition_score import format_report, repetition_report
 
 
@@ -112,8 +113,11 @@ def ui(
     port: int = 7860,
     share: bool = False,
     trust_remote_code: bool = False,
+    verbose: bool = False,
 ) -> None:
-    """Serve the web demo for an adapter (or a base model) at http://HOST:PORT."""
+    """Serve the web demo for an adapter (or a base model) at http://HOST:PORT (--verbose: the
+    libraries' warnings and log lines too)."""
+    quiet_third_party(verbose)
     try:
         import gradio as gr
     except ImportError:
