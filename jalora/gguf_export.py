@@ -142,6 +142,7 @@ def write_gguf(path: Path, fill) -> None:
     interrupted export leaves no half-written GGUF behind."""
     import gguf
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     writer = fill(partial, gguf)
     try:
@@ -271,7 +272,6 @@ def export(
     config = load_config(source)
     arch = architecture_of(config, preset)
     name = Path(lora_weights).resolve().name
-    out.mkdir(parents=True, exist_ok=True)
 
     if adapter_only:
         path = out / f"{name}-lora-{outtype}.gguf"

@@ -10,6 +10,7 @@ that is itself a GGUF hands its tokenizer fields over unchanged.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,9 +99,17 @@ def token_types(tokenizer) -> list[int]:
 def bpe_vocab(tokenizer, folder: Path) -> GgufVocab:
     """Byte-level BPE: tokens in their byte-level spelling, merges, and the pre-tokenizer id."""
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    merges = gguf.SpecialVocab(folder, load_merges=True).merges
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)  # its guesses about special tokens are noise here: we set them ourselves
+    try:
+        merges = gguf.SpecialVocab(folder, load_merges=True).merges
+    finally:
+        gguf_log.setLevel(level)
     tokens = [t.encode("utf-8") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
-    return GgufVocab("gpt2", tokens, token_types(tokenizer), merges=merges, pre=pre_tokenizer_id(tokenizer_json, folder))
+    return GgufVocab(
+        "gpt2", tokens, token_types(tokenizer), merges=merges, pre=pre_tokenizer_id(tokenizer_json, folder)
+    )
 
 
 def sentencepiece_vocab(tokenizer, folder: Path) -> GgufVocab:

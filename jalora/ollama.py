@@ -16,7 +16,12 @@ SYSTEM_MARK = "\x00jalora-system\x00"
 USER_MARK = "\x00jalora-user\x00"
 MODELFILE = "Modelfile"
 # preset.generation key -> Ollama PARAMETER name
-OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+OLLAMA_PARAMETERS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repeat_penalty",
+}
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,18 @@ def jinja_chat_template(prompter: Prompter) -> str:
     content = "message['content']" + (f" | replace('\\n', {json.dumps(newline)})" if newline else "")
     default_system = json.dumps(frame.system or "", ensure_ascii=False)
     system_slot = (
-        _literal(frame.before_system) + "{{ system" + (f" | replace('\\n', {json.dumps(newline)})" if newline else "") + " }}"
+        _literal(frame.before_system)
+        + "{{ system"
+        + (f" | replace('\\n', {json.dumps(newline)})" if newline else "")
+        + " }}"
         if frame.system is not None
         else ""
     )
     return (
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-        "{%- else -%}{%- set system = " + default_system + " -%}{%- endif -%}"
+        "{%- else -%}{%- set system = "
+        + default_system
+        + " -%}{%- endif -%}"
         + ("{{ bos_token }}" if frame.bos else "")
         + "{%- for message in messages if message['role'] != 'system' -%}"
         "{%- if message['role'] == 'user' -%}"
@@ -72,7 +82,9 @@ def jinja_chat_template(prompter: Prompter) -> str:
         + content
         + " }}"
         + _literal(map_newlines(frame.after_user, newline))
-        + "{%- else -%}{{ " + content + " + eos_token }}{%- endif -%}{%- endfor -%}"
+        + "{%- else -%}{{ "
+        + content
+        + " + eos_token }}{%- endif -%}{%- endfor -%}"
     )
 
 
