@@ -7,6 +7,7 @@ import fire
 from jalora.evaluate import evaluate
 from jalora.export import merge
 from jalora.generation import main as generate
+from jalora.gguf_export import export
 from jalora.memory import estimate
 from jalora.presets import presets_table
 from jalora.train import finetune
@@ -23,6 +24,7 @@ COMMANDS = {
     "generate": generate,
     "evaluate": evaluate,
     "merge": merge,
+    "export": export,
     "presets": presets,
     "estimate": estimate,
     "ui": ui,

@@ -2,7 +2,7 @@
 
 Both are built from one rendering of the training prompt with marker strings in the system and user
 slots (`prompt_frame`), so they reproduce the prompt jalora trained on byte for byte, whatever the
-template: alpaca_ja, llama2_ja, rinna or a tokenizer's chat template.
+template: alpaca_ja, llama2_ja or a tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def prompt_frame(prompter: Prompter) -> PromptFrame:
 
 
 def _literal(text: str) -> str:
+    """Text as a Jinja string expression (JSON string syntax is valid Jinja, escapes included)."""
     return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
 
 
@@ -57,54 +58,29 @@ def jinja_chat_template(prompter: Prompter) -> str:
     assistant turn; a system message replaces the default system prompt. It writes the BOS the
     training prompt starts with (llama.cpp drops a leading BOS its tokenizer adds anyway)."""
     frame = prompt_frame(prompter)
-    newline = prompter.preset.newline_token
-    content = "message['content']" + (f" | replace('\\n', {json.dumps(newline)})" if newline else "")
-    default_system = json.dumps(frame.system or "", ensure_ascii=False)
-    system_slot = (
-        _literal(frame.before_system)
-        + "{{ system"
-        + (f" | replace('\\n', {json.dumps(newline)})" if newline else "")
-        + " }}"
-        if frame.system is not None
-        else ""
-    )
+    system = _literal(frame.before_system) + "{{ system }}" if frame.system is not None else ""
     return (
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
         "{%- else -%}{%- set system = "
-        + default_system
+        + json.dumps(frame.system or "", ensure_ascii=False)
         + " -%}{%- endif -%}"
         + ("{{ bos_token }}" if frame.bos else "")
         + "{%- for message in messages if message['role'] != 'system' -%}"
         "{%- if message['role'] == 'user' -%}"
-        + system_slot
-        + _literal(map_newlines(frame.before_user, newline))
-        + "{{ "
-        + content
-        + " }}"
-        + _literal(map_newlines(frame.after_user, newline))
-        + "{%- else -%}{{ "
-        + content
-        + " + eos_token }}{%- endif -%}{%- endfor -%}"
+        + system
+        + _literal(frame.before_user)
+        + "{{ message['content'] }}"
+        + _literal(frame.after_user)
+        + "{%- else -%}{{ message['content'] + eos_token }}{%- endif -%}{%- endfor -%}"
     )
-
-
-def map_newlines(text: str, newline: str | None) -> str:
-    return text.replace("\n", newline) if newline else text
 
 
 def modelfile(prompter: Prompter, gguf_name: str, stops: list[str]) -> str:
     """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE, the system prompt, one stop per
     end-of-turn string and the preset's recommended sampling."""
     frame = prompt_frame(prompter)
-    newline = prompter.preset.newline_token
     system = "{{ .System }}" if frame.system is not None else ""
-    template = (
-        map_newlines(frame.before_system, newline)
-        + system
-        + map_newlines(frame.before_user, newline)
-        + "{{ .Prompt }}"
-        + map_newlines(frame.after_user, newline)
-    )
+    template = frame.before_system + system + frame.before_user + "{{ .Prompt }}" + frame.after_user
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     if frame.system is not None:
         lines.append(f'SYSTEM """{frame.system}"""')
