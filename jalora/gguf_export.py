@@ -221,6 +221,20 @@ def architecture_of(config, preset: Preset) -> Architecture:
     return ARCHITECTURES[config.model_type]
 
 
+def gguf_base_config(source):
+    """The config of a GGUF base, or a one-line error when transformers cannot dequantise it (then the
+    adapter must be merged into the original checkpoint, which this command can do from its folder)."""
+    from jalora.modeling import load_config
+
+    try:
+        return load_config(source)
+    except ValueError as err:
+        raise UserError(
+            f"{source.gguf_file}: transformers cannot read this GGUF base ({err}); export from the original "
+            "safetensors checkpoint instead: jalora export --base_model <its hub id or folder> --lora_weights ..."
+        ) from None
+
+
 def tokenizer_folder(base_model: str, source) -> Path:
     """Where the base tokenizer's files are: the local folder, or the hub cache (tokenizer files only)."""
     if Path(source.path).is_dir():
@@ -269,7 +283,7 @@ def export(
         raise UserError(f"{output_dir}: output folder exists and is not empty; choose another --output_dir")
     preset = get_preset(record["preset"])
     source = resolve_source(base_model)
-    config = load_config(source)
+    config = gguf_base_config(source) if source.gguf_file else load_config(source)
     arch = architecture_of(config, preset)
     name = Path(lora_weights).resolve().name
 

@@ -202,3 +202,14 @@ def test_one_line_errors(tiny_model_dir, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps(config | {"model_type": "mistral", "architectures": ["X"]}))
     err = export_error(capsys, lora_weights=str(run), output_dir=str(tmp_path / "out"), base_model=str(other))
     assert "model_type 'mistral' is not an architecture" in err
+
+    rwkv = gguf.GGUFWriter(tmp_path / "rwkv.gguf", "rwkv6")  # an architecture transformers cannot dequantise
+    rwkv.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    rwkv.write_header_to_file()
+    rwkv.write_kv_data_to_file()
+    rwkv.write_tensors_to_file()
+    rwkv.close()
+    err = export_error(
+        capsys, lora_weights=str(run), output_dir=str(tmp_path / "out"), base_model=str(tmp_path / "rwkv.gguf")
+    )
+    assert "cannot read this GGUF base" in err and "--base_model" in err
