@@ -155,10 +155,18 @@ def write_gguf(path: Path, fill) -> None:
         partial.unlink(missing_ok=True)
 
 
+def new_writer(path, gguf, arch: Architecture, kind: str):
+    """gguf's writer for one file; tensors spill to a temporary file as they are added, so a 7B
+    export holds the model once in memory, not twice."""
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]], use_temp_file=True)
+    writer.add_type(kind)
+    return writer
+
+
 def model_writer(path, gguf, model, arch: Architecture, outtype: str, name: str, tokenizer_parts: tuple):
+    """The merged model: hyperparameters, tokenizer, every tensor under llama.cpp's name."""
     config = model.config
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-    writer.add_type(gguf.GGUFType.MODEL)
+    writer = new_writer(path, gguf, arch, gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     write_hyperparameters(writer, config, arch)
@@ -193,8 +201,7 @@ def adapter_writer(path, gguf, lora_weights: str, config, arch: Architecture, ou
     """A llama.cpp LoRA adapter: `<tensor>.lora_a` (r x in) and `<tensor>.lora_b` (out x r) per
     adapted matrix; llama.cpp scales B·A by alpha / r, so rsLoRA's alpha / sqrt(r) is folded into alpha."""
     tensors, lora = adapter_tensors(lora_weights)
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer = new_writer(path, gguf, arch, gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     alpha = float(lora["lora_alpha"]) * (float(lora["r"]) ** 0.5 if lora.get("use_rslora") else 1.0)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
