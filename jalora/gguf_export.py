@@ -95,7 +95,7 @@ def gguf_name(name_map, hf_name: str) -> str:
     return found
 
 
-def write_hyperparameters(writer, config, arch: Architecture) -> None:
+def write_hyperparameters(writer, config) -> None:
     """The architecture keys llama.cpp reads for Llama, Qwen2 and GPT-NeoX."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
@@ -115,7 +115,7 @@ def write_hyperparameters(writer, config, arch: Architecture) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope_type != "default":
         raise UserError(f"rope scaling {rope_type!r} is not exported yet; only default and linear rope are")
-    if arch.fused_qkv_per_head:
+    if config.model_type == "gpt_neox":  # partial rotary, parallel residual, LayerNorm with bias
         writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
         writer.add_parallel_residual(bool(config.use_parallel_residual))
         writer.add_layer_norm_eps(config.layer_norm_eps)
@@ -169,7 +169,7 @@ def model_writer(path, gguf, model, arch: Architecture, outtype: str, name: str,
     writer = new_writer(path, gguf, arch, gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
-    write_hyperparameters(writer, config, arch)
+    write_hyperparameters(writer, config)
     write_tokenizer(writer, *tokenizer_parts)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
