@@ -312,7 +312,8 @@ def export(
         print(f"the run trained on a {record['quantization']} base: merging into its 16-bit weights instead")
     if source.gguf_file:
         print(f"the base is the GGUF {source.gguf_file}: merging into its weights as transformers dequantises them")
-    model = merged_model(base_model, lora_weights, "none", torch.float16)
+    # 16-bit weights; a GGUF base dequantises in float32 (transformers' fast path for it)
+    model = merged_model(base_model, lora_weights, "none", torch.float32 if source.gguf_file else torch.float16)
     path = out / f"{name}-{outtype}.gguf"
     parts = (tokenizer, prompter, vocab, chat_template)
     write_gguf(path, lambda p, gguf: model_writer(p, gguf, model, arch, outtype, name, parts))
