@@ -312,7 +312,7 @@ def export(
         print(f"the run trained on a {record['quantization']} base: merging into its 16-bit weights instead")
     if source.gguf_file:
         print(f"the base is the GGUF {source.gguf_file}: merging into its weights as transformers dequantises them")
-    # 16-bit weights; a GGUF base dequantises in float32 (transformers' fast path for it)
+    # never the 4-bit weights: float16, or float32 for a GGUF base (transformers' path to dequantise it)
     model = merged_model(base_model, lora_weights, "none", torch.float32 if source.gguf_file else torch.float16)
     path = out / f"{name}-{outtype}.gguf"
     parts = (tokenizer, prompter, vocab, chat_template)
