@@ -19,6 +19,11 @@ $(VENV)/.dev-installed: $(VENV)/.installed setup.py
 	$(PIP) install -e ".[dev]"
 	touch $@
 
+# llama-cpp-python compiles llama.cpp (many minutes): only the slow tests need it
+$(VENV)/.gguf-check-installed: $(VENV)/.dev-installed
+	$(PIP) install -e ".[gguf-check]"
+	touch $@
+
 install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
@@ -28,7 +33,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: $(VENV)/.dev-installed
+test-slow: $(VENV)/.gguf-check-installed
 	$(PY) -m pytest -q -m slow tests
 
 lint: $(VENV)/.dev-installed

@@ -29,6 +29,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15", "nbmake>=1.5", "nbclient>=0.10", "ipykernel", "tensorboard"],
         "ui": ["gradio>=5"],
+        "gguf-check": ["llama-cpp-python>=0.3"],  # compiles llama.cpp: for `make test-slow` only
     },
     entry_points={"console_scripts": ["jalora=jalora.cli:main"]},
 )

@@ -7,6 +7,7 @@ import fire
 from jalora.evaluate import evaluate
 from jalora.export import merge
 from jalora.generation import main as generate
+from jalora.gguf_export import export
 from jalora.inspection import inspect
 from jalora.memory import estimate
 from jalora.presets import presets_table
@@ -24,6 +25,7 @@ COMMANDS = {
     "generate": generate,
     "evaluate": evaluate,
     "merge": merge,
+    "export": export,
     "presets": presets,
     "estimate": estimate,
     "inspect": inspect,
