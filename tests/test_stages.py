@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jalora.errors import UserError
+from jalora.evaluate import evaluate as evaluate_cli
 from jalora.modeling import load_tokenizer, resolve_source
 from jalora.preference_data import load_pairs, tokenize_pairs
 from jalora.presets import get_preset
@@ -19,6 +20,7 @@ from jalora.prompts import Prompter, load_template
 from jalora.train import finetune as finetune_cli
 
 finetune = finetune_cli.__wrapped__  # in-process: the UserError itself, not the CLI's exit
+evaluate = evaluate_cli.__wrapped__
 
 TOPICS = ["東京", "富士山", "寿司", "新幹線", "桜", "京都", "将棋", "温泉", "俳句", "味噌汁", "相撲", "紅葉"]
 HELD_OUT = ["大阪", "北海道", "抹茶", "落語"]
@@ -124,6 +126,10 @@ def test_pt_lowers_held_out_perplexity(tiny_model_dir, tmp_path):
     m = record["metrics"]
     assert m["eval_perplexity"] < 0.6 * m["eval_perplexity_before"], m
     assert record["stage"] == "pt" and record["hyperparameters"]["packing"] is True
+    # `jalora evaluate` scores every token of the held-out text: the same perplexity, and the base's
+    scores = evaluate(lora_weights=str(tmp_path / "pt"), data_path=str(tmp_path / "val.jsonl"), compare_base=True)
+    assert scores["adapter"]["overall"]["perplexity"] == pytest.approx(m["eval_perplexity"], rel=1e-3)
+    assert scores["base"]["overall"]["perplexity"] == pytest.approx(m["eval_perplexity_before"], rel=1e-3)
 
 
 def test_pt_packs_documents_with_restarting_positions(tiny_model_dir, tmp_path):
@@ -184,3 +190,43 @@ def test_stage_and_data_mismatch_names_the_record_and_the_stage(tiny_model_dir, 
         finetune(base_model=base, data_path=data, output_dir=str(tmp_path / "o"), stage="orpo", loss_type="ipo")
     with pytest.raises(UserError, match=r"unknown --stage 'rl'"):
         finetune(base_model=base, data_path=data, output_dir=str(tmp_path / "o"), stage="rl")
+
+
+DPO_RESUME = dict(
+    batch_size=4, micro_batch_size=2, num_epochs=2, learning_rate=5e-3, val_set_size=0, save_steps=4, logging_steps=1,
+    lora_target_modules="all-linear", warmup_steps=0, seed=7, stage="dpo",
+)  # fmt: skip
+
+
+def test_dpo_after_sft_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path):
+    """SFT adapter → DPO with --base_adapter; one DPO run is SIGKILLed after checkpoint-4 and resumed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_resume import REPO, assert_same_adapter, signal_when, write_data
+
+    base = str(tiny_model_dir("open-calm"))
+    sft = tmp_path / "sft"
+    sft_data = write_data(tmp_path / "sft.jsonl")
+    finetune(base_model=base, data_path=sft_data, output_dir=str(sft), max_steps=4, batch_size=4, micro_batch_size=4,
+             val_set_size=0, lora_target_modules="all-linear", learning_rate=1e-2)  # fmt: skip
+    run = {**DPO_RESUME, "base_model": base, "data_path": pair_files[0], "base_adapter": str(sft)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "finetune.py"), *[f"--{k}={v}" for k, v in {**run, "output_dir": killed}.items()]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    fired: list = []
+    watcher = signal_when(proc, killed / "checkpoint-4", signal.SIGKILL, fired)
+    reference = tmp_path / "reference"
+    record = finetune(output_dir=str(reference), **run)
+    proc.communicate(timeout=300)
+    watcher.join()
+    assert fired == [True] and proc.returncode == -signal.SIGKILL
+    finetune(output_dir=str(killed), resume_from_checkpoint=True, **run)
+    assert_same_adapter(killed, reference)
+    assert record["base_adapter"] == str(sft) and record["lora"]["r"] == 8
+    sft_weights = json.loads((sft / "adapter_config.json").read_text(encoding="utf-8"))
+    assert sorted(sft_weights["target_modules"]) == record["lora"]["target_modules"]
