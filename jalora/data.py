@@ -193,7 +193,8 @@ def read_rows(data_path: str) -> Iterator[tuple[str, object]]:
     if not path.is_file():
         raise UserError(f"{data_path}: data file not found")
     if path.suffix not in LOCAL_SUFFIXES:
-        raise UserError(f"{data_path}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+        plain_text = " (plain text trains with --stage pt)" if path.suffix == ".txt" else ""
+        raise UserError(f"{data_path}: unsupported file type; use .json, .jsonl, .csv or .parquet{plain_text}")
     return iter_rows(path)
 
 

@@ -142,19 +142,19 @@ def finetune(
         return {}
     flags = dict(locals())
     check_training_flags(flags)
-    check_stage_flags(stage, packing, loss_type)
+    check_stage_flags(stage, packing, loss_type, base_adapter, lora_target_modules)
     resume = prepare_output_dir(output_dir, resume_from_checkpoint, overwrite_output_dir)
     the_preset = resolve_preset(preset, base_model, trust_remote_code)
     template = load_template(prompt_template_name or the_preset.template)
     source = resolve_source(base_model)
-    lean = lean_settings(
-        load_config(source, trust_remote_code), quantization, packing, gradient_checkpointing, chunked_ce
-    )
-    lean["packing"] = lean["packing"] and stage not in PREFERENCE_STAGES  # trl's preference collators pad
 
     # data first: every record is validated before any weights are loaded
     check_data_fits_stage(data_path, stage)
     train_records, val_records = read_data(stage, data_path, val_data_path, val_set_size, seed, data_format)
+    lean = lean_settings(
+        load_config(source, trust_remote_code), quantization, packing, gradient_checkpointing, chunked_ce
+    )
+    lean["packing"] = lean["packing"] and stage not in PREFERENCE_STAGES  # trl's preference collators pad
     tokenizer = load_tokenizer(source, the_preset, trust_remote_code)
     prompter = Prompter(template, tokenizer, the_preset, system_prompt)
     train_set, val_set, stats = tokenize_data(

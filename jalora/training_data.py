@@ -20,14 +20,18 @@ from jalora.stage_data import PREFERENCE_STAGES, STAGES
 DPO_LOSS_STAGE = "dpo"
 
 
-def check_stage_flags(stage: str, packing: bool | None, loss_type: str | None) -> None:
-    """Flags that belong to one stage only."""
+def check_stage_flags(
+    stage: str, packing: bool | None, loss_type: str | None, base_adapter: str | None, lora_target_modules
+) -> None:
+    """Flags that belong to one stage only, or that contradict each other."""
     if stage not in STAGES:
         raise UserError(f"unknown --stage {stage!r}; choose one of: {', '.join(STAGES)}")
     if packing and stage in PREFERENCE_STAGES:
         raise UserError(f"--packing applies to --stage sft and pt; --stage {stage} pads each pair")
     if loss_type is not None and stage != DPO_LOSS_STAGE:
         raise UserError(f"--loss_type is a DPO setting (trl's DPOConfig.loss_type); --stage {stage} has none")
+    if base_adapter and lora_target_modules:
+        raise UserError("--lora_target_modules has no effect with --base_adapter: the adapter keeps its own targets")
 
 
 def read_data(

@@ -194,7 +194,7 @@ def test_stage_and_data_mismatch_names_the_record_and_the_stage(tiny_model_dir, 
 
 DPO_RESUME = dict(
     batch_size=4, micro_batch_size=2, num_epochs=2, learning_rate=5e-3, val_set_size=0, save_steps=4, logging_steps=1,
-    lora_target_modules="all-linear", warmup_steps=0, seed=7, stage="dpo",
+    warmup_steps=0, seed=7, stage="dpo",
 )  # fmt: skip
 
 
