@@ -41,6 +41,11 @@ from jalora.training_data import check_stage_flags, read_data, tokenize_data
 from jalora.training_model import build_model
 
 log = logging.getLogger(__name__)
+# finetune flags that go to the training arguments as they are
+TRAINER_FLAGS = (
+    "output_dir", "micro_batch_size", "num_epochs", "max_steps", "learning_rate", "warmup_steps",
+    "group_by_length", "eval_steps", "save_steps", "logging_steps", "seed",
+)  # fmt: skip
 
 
 class JaloraTrainer(CheckpointingTrainer, LeanTrainer):
@@ -186,24 +191,14 @@ def finetune(
         stage, model, tokenizer, train_set, val_set, lean, run_info,
         fresh_adapter=base_adapter is None,
         preference={"beta": beta, "loss_type": loss_type or DEFAULT_DPO_LOSS, "max_length": cutoff_len},
-        output_dir=output_dir,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        micro_batch_size=micro_batch_size,
-        num_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
         dtype=dtype,
-        group_by_length=group_by_length,
-        eval_steps=eval_steps,
-        save_steps=save_steps,
-        logging_steps=logging_steps,
-        seed=seed,
         report_to="wandb" if wandb_project else report_to,
+        **{name: flags[name] for name in TRAINER_FLAGS},
     )  # fmt: skip
     if wandb_project:
         os.environ["WANDB_PROJECT"] = wandb_project
-    metrics = train_and_evaluate(trainer, stage, bool(val_set) and eval_before_training, resume)
+    metrics = train_and_evaluate(trainer, stage, eval_before_training, resume)
 
     record = run_record(flags, the_preset, prompter, model, trainer, lean, lora, train_set, val_set, stats, metrics)
     if trainer.is_world_process_zero():

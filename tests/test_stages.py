@@ -230,3 +230,25 @@ def test_dpo_after_sft_killed_and_resumed_equals_an_uninterrupted_run(tiny_model
     assert record["base_adapter"] == str(sft) and record["lora"]["r"] == 8
     sft_weights = json.loads((sft / "adapter_config.json").read_text(encoding="utf-8"))
     assert sorted(sft_weights["target_modules"]) == record["lora"]["target_modules"]
+
+
+@pytest.mark.slow
+def test_smollm2_dpo_after_the_demo_sft_adapter(tmp_path):
+    """The real SmolLM2-135M: the demo's short SFT run, then DPO on a few pairs (the sample's own
+    answer over a curt non-answer) continuing that adapter; the held-out margin grows."""
+    from jalora.demo import short_run
+
+    sample = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" / "dolly_ja_sample.jsonl")
+              .read_text(encoding="utf-8").splitlines()]  # fmt: skip
+    short = [r for r in sample if not r["input"] and len(r["output"]) < 60][:20]
+    rows = [{"instruction": r["instruction"], "chosen": r["output"], "rejected": "わかりません。"} for r in short]
+    train, val = write_jsonl(tmp_path / "train.jsonl", rows[:16]), write_jsonl(tmp_path / "val.jsonl", rows[16:])
+    short_run(str(tmp_path / "sft"), max_steps=20)
+    record = finetune(
+        base_model="smollm2", base_adapter=str(tmp_path / "sft"), data_path=train, val_data_path=val,
+        output_dir=str(tmp_path / "dpo"), stage="dpo", batch_size=4, micro_batch_size=2, max_steps=8,
+        learning_rate=5e-4, cutoff_len=256, warmup_steps=0, logging_steps=1, save_steps=100, eval_steps=100,
+    )  # fmt: skip
+    m = record["metrics"]
+    assert m["eval_logp_margin"] > m["eval_logp_margin_before"] + 1.0, m
+    assert m["eval_reward_accuracy"] >= 0.75 and m["eval_reward_margin"] > 0, m
