@@ -54,9 +54,11 @@ def test_dpo_widens_the_held_out_margin_against_the_base(tiny_model_dir, pair_fi
     out = tmp_path / "dpo"
     record = finetune(
         base_model=str(tiny_model_dir("elyza-llama2")), data_path=train, val_data_path=val, output_dir=str(out),
-        stage="dpo", beta=0.1, max_steps=16, **TINY_RUN,
+        stage="dpo", beta=0.1, max_steps=10, **TINY_RUN,
     )  # fmt: skip
     m = record["metrics"]
+    print(f"DPO held-out log-prob margin {m['eval_logp_margin_before']:.3f} -> {m['eval_logp_margin']:.3f}, "
+          f"reward accuracy {m['eval_reward_accuracy']:.2f}, reward margin {m['eval_reward_margin']:.3f}")  # fmt: skip
     # before training the policy is the reference: no reward, and the base's own log-prob margin
     assert m["eval_reward_margin_before"] == pytest.approx(0.0, abs=1e-4)
     assert m["eval_logp_margin"] > m["eval_logp_margin_before"] + 1.0, m
@@ -73,7 +75,7 @@ def test_orpo_trains_and_saves(tiny_model_dir, pair_files, tmp_path):
     out = tmp_path / "orpo"
     record = finetune(
         base_model=str(tiny_model_dir("open-calm")), data_path=train, val_data_path=val, output_dir=str(out),
-        stage="orpo", max_steps=12, **TINY_RUN,
+        stage="orpo", max_steps=8, **TINY_RUN,
     )  # fmt: skip
     m = record["metrics"]
     assert m["eval_loss"] < m["eval_loss_before"], m
@@ -124,6 +126,7 @@ def test_pt_lowers_held_out_perplexity(tiny_model_dir, tmp_path):
         stage="pt", cutoff_len=64, max_steps=12, **{**TINY_RUN, "learning_rate": 2e-2},
     )  # fmt: skip
     m = record["metrics"]
+    print(f"pt held-out perplexity {m['eval_perplexity_before']:.1f} -> {m['eval_perplexity']:.1f}")
     assert m["eval_perplexity"] < 0.6 * m["eval_perplexity_before"], m
     assert record["stage"] == "pt" and record["hyperparameters"]["packing"] is True
     # `jalora evaluate` scores every token of the held-out text: the same perplexity, and the base's
