@@ -44,6 +44,9 @@ class _GuardedPreferenceTrainer(CheckpointingTrainer):
     def _send_telemetry(self) -> None:
         """trl pings the Hugging Face Hub when a trainer is built; a local fine-tuning run sends nothing."""
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """trl writes its card at every checkpoint; the adapter's card is jalora's, written with the run record."""
+
 
 class JaloraDPOTrainer(_GuardedPreferenceTrainer, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
