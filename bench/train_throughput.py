@@ -1,4 +1,5 @@
-"""Training throughput: jalora's defaults against the plain alpaca-lora recipe, in one process.
+"""Training throughput: jalora's defaults against two baselines, in one process: the plain
+alpaca-lora recipe, and trl's SFTTrainer with packing, padding-free batches and completion-only loss.
 
 Same model (a ~28M-parameter Llama built from config with SmolLM2's tokenizer, or SmolLM2-135M
 itself with --real), same records (data/dolly_ja_sample.jsonl), same LoRA, batch sizes, seed
@@ -23,7 +24,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_recipe import pad_collator, tokenize_per_example  # noqa: E402
+from plain_recipe import pad_collator, render_plainly, tokenize_per_example  # noqa: E402
 
 from jalora.collate import TokenCounter  # noqa: E402
 from jalora.data import IGNORE_INDEX, load_records  # noqa: E402
@@ -144,6 +145,66 @@ def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: i
     }
 
 
+def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+    """trl's SFTTrainer as its docs recommend for speed: prompt/completion records, packing (best-fit
+    decreasing into rows of cutoff tokens), padding-free batches, loss on completions only."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    preset = get_preset("smollm2")
+    tokenizer = load_tokenizer(resolve_source(str(model_dir)), preset)
+    prompter = Prompter(load_template(preset.template), tokenizer, preset)
+    rows = [
+        {"prompt": render_plainly(prompter, r.instruction, r.input), "completion": r.output}
+        for r in load_records(train_path)
+    ]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.use_cache = False
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    steps = math.ceil(len(rows) / batch)
+    args = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_train_epochs=1,
+        learning_rate=lr,
+        warmup_steps=steps // 10,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        max_length=cutoff,
+        packing=True,
+        padding_free=True,
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
+    counter = TokenCounter()
+    trainer.add_callback(ThroughputCallback(counter))
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch_ = collate(features)
+        counter.add(batch_)  # padding-free: one row, no attention mask, every token real
+        return batch_
+
+    trainer.data_collator = counting_collator
+    throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback))
+    result = trainer.train()
+    return trainer.model, {
+        **_rates(throughput.summary()),
+        "padding_efficiency": counter.padding_efficiency,
+        "train_loss": result.training_loss,
+    }
+
+
 def _rates(summary: dict) -> dict:
     return {
         "real_tokens": summary["train_tokens"],
@@ -214,16 +275,20 @@ def main(
     warm_path.write_text("\n".join(records[-micro_batch_size:]) + "\n", encoding="utf-8")
     warm = dict(common, batch=micro_batch_size)
     plain_run(model_dir, str(warm_path), work / "warm-plain", **warm)
+    trl_run(model_dir, str(warm_path), work / "warm-trl", **warm)
     jalora_run(model_dir, str(warm_path), work / "warm-jalora", **warm)
     with PeakRSS() as plain_rss:
         plain_model, plain = plain_run(model_dir, str(train_path), work / "plain", **common)
+    with PeakRSS() as trl_rss:
+        trl_model, trl = trl_run(model_dir, str(train_path), work / "trl", **common)
     with PeakRSS() as lean_rss:
         lean = jalora_run(model_dir, str(train_path), work / "jalora", **common)
-    plain["peak_rss_mb"], lean["peak_rss_mb"] = plain_rss.mb, lean_rss.mb
+    plain["peak_rss_mb"], trl["peak_rss_mb"], lean["peak_rss_mb"] = plain_rss.mb, trl_rss.mb, lean_rss.mb
 
     preset = get_preset("smollm2")
     prompter = Prompter(load_template(preset.template), load_tokenizer(resolve_source(str(model_dir)), preset), preset)
     plain["heldout_loss"] = heldout_loss(plain_model, prompter, cutoff=cutoff_len)
+    trl["heldout_loss"] = heldout_loss(trl_model, prompter, cutoff=cutoff_len)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     lean["heldout_loss"] = heldout_loss(
         PeftModel.from_pretrained(base, str(work / "jalora")), prompter, cutoff=cutoff_len
@@ -236,10 +301,11 @@ def main(
     )
     keys = ["real_tokens", "step_s", "tokens_per_s", "tokens_per_cpu_s", "padding_efficiency", "peak_rss_mb"]
     keys += ["train_loss", "heldout_loss"]
-    print(f"{'':<20}{'plain':>12}{'jalora':>12}{'ratio':>10}")
+    print(f"{'':<20}{'plain':>12}{'trl SFT':>12}{'jalora':>12}{'vs plain':>10}{'vs trl':>10}")
     for k in keys:
-        ratio = lean[k] / plain[k] if plain[k] else float("nan")
-        print(f"{k:<20}{plain[k]:>12.4g}{lean[k]:>12.4g}{ratio:>10.3f}")
+        vs_plain = lean[k] / plain[k] if plain[k] else float("nan")
+        vs_trl = lean[k] / trl[k] if trl[k] else float("nan")
+        print(f"{k:<20}{plain[k]:>12.4g}{trl[k]:>12.4g}{lean[k]:>12.4g}{vs_plain:>10.3f}{vs_trl:>10.3f}")
 
 
 if __name__ == "__main__":

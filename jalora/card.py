@@ -137,6 +137,14 @@ def _losses(record: dict, has_plot: bool) -> str:
         "train_loss": "train loss (mean over the run)",
         "eval_loss_before": "held-out loss before training",
         "eval_loss": "held-out loss after training",
+        "eval_perplexity_before": "held-out perplexity before training",
+        "eval_perplexity": "held-out perplexity after training",
+        "eval_reward_accuracy_before": "held-out reward accuracy before training",
+        "eval_reward_accuracy": "held-out reward accuracy after training",
+        "eval_reward_margin_before": "held-out reward margin before training",
+        "eval_reward_margin": "held-out reward margin after training",
+        "eval_logp_margin_before": "held-out log p(chosen) − log p(rejected) before training",
+        "eval_logp_margin": "held-out log p(chosen) − log p(rejected) after training",
         "steps": "optimizer steps",
     }
     rows = [(label, metrics[key]) for key, label in names.items() if key in metrics]
@@ -176,7 +184,8 @@ def model_card(record: dict, folder: str, has_plot: bool = False) -> str:
     intro = (
         f"# LoRA adapter for {base}\n\n"
         f"Trained with jalora {record.get('jalora_version', '')} "
-        f"(preset `{record.get('preset', '?')}`, base weights in `{record.get('quantization', 'none')}` "
+        f"(stage `{record.get('stage', 'sft')}`, preset `{record.get('preset', '?')}`, "
+        f"base weights in `{record.get('quantization', 'none')}` "
         "during training)."
     )
     sections = [

@@ -187,20 +187,24 @@ def is_local(data_path: str) -> bool:
     return data_path.endswith(LOCAL_SUFFIXES) or Path(data_path).exists()
 
 
+def read_rows(data_path: str) -> Iterator[tuple[str, object]]:
+    """(location, row) pairs of a local file or hub dataset, whatever the training stage."""
+    if not is_local(data_path):
+        return _hub_rows(data_path)
+    path = Path(data_path)
+    if not path.is_file():
+        raise UserError(f"{data_path}: data file not found")
+    if path.suffix not in LOCAL_SUFFIXES:
+        plain_text = " (plain text trains with --stage pt)" if path.suffix == ".txt" else ""
+        raise UserError(f"{data_path}: unsupported file type; use .json, .jsonl, .csv or .parquet{plain_text}")
+    return iter_rows(path)
+
+
 def load_records(data_path: str, data_format: str | None = None) -> list[Record]:
     """All records of a local file or hub dataset, validated. The format is detected from the
     first record's fields unless given, and every record must have that format."""
-    if is_local(data_path):
-        path = Path(data_path)
-        if not path.is_file():
-            raise UserError(f"{data_path}: data file not found")
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"{data_path}: unsupported file type; use .json, .jsonl, .csv or .parquet")
-        rows = iter_rows(path)
-    else:
-        rows = _hub_rows(data_path)
     records: list[Record] = []
-    for where, row in rows:
+    for where, row in read_rows(data_path):
         if data_format is None and isinstance(row, dict):
             data_format = detect_format(row)
         records.append(to_record(row, where, data_format))

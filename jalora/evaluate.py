@@ -20,10 +20,11 @@ import torch
 
 from jalora.card import score_rows, write_model_card
 from jalora.collate import PadCollator
-from jalora.data import IGNORE_INDEX, fingerprint, iter_rows, load_records, tokenize_records
+from jalora.data import IGNORE_INDEX, TokenizeStats, fingerprint, iter_rows, load_records, tokenize_records
 from jalora.errors import UserError, friendly_errors
 from jalora.generation import Generator, Sampling
 from jalora.outputs import RUN_RECORD, read_run_record, write_atomic, write_json
+from jalora.pretrain_data import load_documents, tokenize_documents
 from jalora.quiet import quiet_third_party
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -170,7 +171,8 @@ def evaluate(
     """Held-out loss/perplexity of an adapter (default), or answers to an ELYZA-tasks-100 file.
 
     Loss mode: --data_path is dolly-style JSONL (default: the bundled held-out set); the loss
-    covers answer tokens only (prompts are never scored), cut at the run's cutoff_len, and
+    covers answer tokens only (prompts are never scored); for a pt run it is held-out text
+    (.txt or JSONL `text`) and every token counts, cut at the run's cutoff_len, and
     is written into the run record and model card. Tasks mode (--tasks elyza-tasks-100):
     answers go to --output_file (default: ADAPTER/elyza_tasks_answers.jsonl), greedy unless
     --temperature is set. The base model loads as in training (the run's quantization).
@@ -180,6 +182,9 @@ def evaluate(
     if tasks is not None and tasks not in TASKS:
         raise UserError(f"unknown --tasks {tasks!r}; choose one of: {', '.join(TASKS)}")
     record = read_run_record(lora_weights)
+    pretraining = record.get("stage") == "pt" and not tasks
+    if pretraining and data_path is None:
+        raise UserError(f"{lora_weights} is a pt run: pass --data_path held-out text (.txt, or JSONL with 'text')")
     data_path = str(data_path or (TASKS_DATA if tasks else HELD_OUT_DATA))
     if tasks:
         rows = read_tasks(data_path)
@@ -190,7 +195,7 @@ def evaluate(
             no_repeat_ngram_size=no_repeat_ngram_size,
         )
     else:
-        records = load_records(data_path)
+        records = load_documents(data_path) if pretraining else load_records(data_path)
     generator = Generator.load(
         lora_weights=lora_weights,
         base_model=base_model,
@@ -208,7 +213,12 @@ def evaluate(
         return {"output_file": str(out), "answers": len(answered)}
 
     cutoff = cutoff_len or record.get("cutoff_len", 512)
-    examples, stats = tokenize_records(records, generator.prompter, cutoff, False, record.get("add_eos_token", True))
+    if pretraining:  # every token of the text is scored, as in training
+        examples, stats = tokenize_documents(records, generator.prompter, cutoff), TokenizeStats()
+    else:
+        examples, stats = tokenize_records(
+            records, generator.prompter, cutoff, False, record.get("add_eos_token", True)
+        )
     if not examples:
         raise UserError(f"{data_path}: every record's prompt is longer than cutoff_len {cutoff}")
     result = {

@@ -113,12 +113,18 @@ def estimate_memory(
     gradient_checkpointing: bool | None = None,
     chunked_ce: bool | None = None,
     dtype_bytes: int = 2,
+    stage: str = "sft",
 ) -> dict[str, float]:
-    """Peak bytes by component for one training step, worst case (every example cutoff_len long)."""
+    """Peak bytes by component for one training step, worst case (every example cutoff_len long).
+
+    DPO and ORPO run chosen and rejected replies of each pair in one forward pass: twice the
+    tokens of an SFT micro-batch. DPO's reference pass (adapter off, no gradients) runs before the
+    policy pass and keeps nothing, so it adds no peak; trl's DPO computes log-probs in chunks."""
     s = shapes(config)
     counts = parameter_counts(s)
     checkpointing = quantization != "none" if gradient_checkpointing is None else gradient_checkpointing
     chunked = s.vocab >= 65536 if chunked_ce is None else chunked_ce
+    chunked = chunked or stage == "dpo"
     if quantization == "none":
         weights = (counts["linear"] + counts["other"]) * dtype_bytes
     else:
@@ -126,7 +132,7 @@ def estimate_memory(
         per_linear = NF4_BYTES if quantization == "4bit" else INT8_BYTES
         weights = counts["linear"] * per_linear + counts["other"] * 4
     lora = lora_parameters(s, lora_target_modules, lora_r) * LORA_BYTES_PER_PARAM
-    tokens = micro_batch_size * cutoff_len
+    tokens = micro_batch_size * cutoff_len * (2 if stage in ("dpo", "orpo") else 1)
     per_layer = activation_bytes_per_token_layer(s, dtype_bytes) * tokens
     if checkpointing:  # one input per layer kept, one layer recomputed (with its gradients) at a time
         activations = s.layers * tokens * s.hidden * dtype_bytes + 2 * per_layer
@@ -183,17 +189,23 @@ def estimate(
     bf16: bool = True,
     preset: str | None = None,
     trust_remote_code: bool = False,
+    stage: str = "sft",
 ) -> dict:
     """Print the predicted peak GPU memory of `finetune` with these flags, and whether it fits `gpu_gb`.
+
+    --stage dpo / orpo: each pair is two sequences in one forward pass (chosen and rejected).
 
     Reads only the model config (a local folder, or a hub id: config.json alone is fetched).
     LoRA targets default to the preset's, as in finetune.
     """
     from jalora.modeling import QUANTIZATIONS, load_config, resolve_source
+    from jalora.stage_data import STAGES
     from jalora.train import resolve_preset
 
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    if stage not in STAGES:
+        raise UserError(f"unknown --stage {stage!r}; choose one of: {', '.join(STAGES)}")
     config = load_config(resolve_source(base_model), trust_remote_code)
     targets = lora_target_modules or list(resolve_preset(preset, base_model, trust_remote_code).target_modules)
     if isinstance(targets, str):
@@ -210,13 +222,14 @@ def estimate(
         gradient_checkpointing,
         chunked_ce,
         dtype_bytes=2 if bf16 else 4,
+        stage=stage,
     )
     print(
         f"{base_model}: {config.model_type}, {result['parameters'] / 1e9:.2f}B parameters, "
         f"LoRA r={lora_r} on {targets if isinstance(targets, str) else ','.join(targets)} "
         f"({result['lora_parameters'] / 1e6:.1f}M); {quantization}, micro-batch {micro_batch_size} × {cutoff_len} "
         f"tokens, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
-        f"chunked CE {'on' if result['chunked_ce'] else 'off'}"
+        f"chunked CE {'on' if result['chunked_ce'] else 'off'}, stage {stage}"
     )
     print(report(result, gpu_gb))
     return result

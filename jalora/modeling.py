@@ -265,14 +265,10 @@ def attach_lora(
 ):
     """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation, a model
     on the CPU the cheaper dropout of jalora/lora_dropout.py."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = _prepare_kbit(model, gradient_checkpointing)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
     )
@@ -280,3 +276,23 @@ def attach_lora(
     if next(model.parameters()).device.type == "cpu":
         use_integer_mask_dropout(model)
     return model
+
+
+def continue_adapter(model, adapter_dir: str, quantized: bool, gradient_checkpointing: bool = True):
+    """Wrap the model with a saved adapter whose weights go on training (--base_adapter: SFT → DPO)."""
+    from peft import PeftModel
+
+    if quantized:
+        model = _prepare_kbit(model, gradient_checkpointing)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    if next(model.parameters()).device.type == "cpu":
+        use_integer_mask_dropout(model)
+    return model
+
+
+def _prepare_kbit(model, gradient_checkpointing: bool):
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )

@@ -9,31 +9,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import set_seed
 
-from jalora import __version__
-from jalora.cache import tokenize_cached
 from jalora.card import write_model_card
 from jalora.checkpoints import CheckpointingTrainer
 from jalora.collate import PACKING_EXACT, PackCollator, PadCollator
-from jalora.data import fingerprint, load_records, split_records
+from jalora.data import fingerprint
 from jalora.errors import UserError, friendly_errors
 from jalora.lean_trainer import LeanTrainer
 from jalora.loss import supports_supervised_head, wants_chunked_ce
-from jalora.modeling import (
-    DEFAULT_BASE_MODEL,
-    attach_lora,
-    compute_dtype,
-    load_config,
-    load_model,
-    load_tokenizer,
-    resolve_source,
-    resolve_targets,
-)
+from jalora.modeling import DEFAULT_BASE_MODEL, compute_dtype, load_config, load_tokenizer, resolve_source
 from jalora.nan_guard import StopOnNonFiniteLoss
 from jalora.outputs import (
     RUN_RECORD,
@@ -43,14 +30,23 @@ from jalora.outputs import (
     save_pretrained_atomic,
     write_json,
 )
-from jalora.packed_attention import use_packed_attention
-from jalora.plots import LOSS_PLOT, loss_curves, save_loss_plot
-from jalora.preflight import base_config_summary, check_training_flags
+from jalora.plots import LOSS_PLOT, save_loss_plot
+from jalora.preflight import check_training_flags
 from jalora.presets import detect_preset, get_preset, presets_table, special_tokens_in
+from jalora.pretrain_data import DocumentPackCollator
 from jalora.prompts import Prompter, load_template
 from jalora.quiet import quiet_third_party
+from jalora.run_record import DEFAULT_DPO_LOSS, run_record, stage_metrics
+from jalora.stage_data import PREFERENCE_STAGES, check_data_fits_stage
+from jalora.training_data import check_stage_flags, read_data, tokenize_data
+from jalora.training_model import build_model
 
 log = logging.getLogger(__name__)
+# finetune flags that go to the training arguments as they are
+TRAINER_FLAGS = (
+    "output_dir", "micro_batch_size", "num_epochs", "max_steps", "learning_rate", "warmup_steps",
+    "group_by_length", "eval_steps", "save_steps", "logging_steps", "seed",
+)  # fmt: skip
 
 
 class JaloraTrainer(CheckpointingTrainer, LeanTrainer):
@@ -127,15 +123,23 @@ def finetune(
     wandb_project: str = "",
     report_to: str = "none",
     verbose: bool = False,
+    # training stage (docs/training.md)
+    stage: str = "sft",
+    base_adapter: str | None = None,
+    beta: float = 0.1,
+    loss_type: str | None = None,
 ) -> dict:
-    """Fine-tune a LoRA adapter on instruction data and save it with its run record.
+    """Fine-tune a LoRA adapter and save it with its run record.
 
+    --stage: sft (instructions, the default), pt (continued pre-training on plain text), dpo or
+    orpo (preference pairs, on trl's trainers; --beta and --loss_type pass through to them).
+    --base_adapter DIR goes on training a saved adapter (SFT → DPO) instead of a fresh one.
     The prompt is masked out of the loss by default (train_on_inputs=False): learning to
     reproduce the instruction wastes capacity and makes answers echo the question.
     val_set_size is a count, or a fraction when below 1 (alpaca-lora's fixed 2000 does not
     fit small Japanese datasets). Warmup is capped at a tenth of the run so short runs learn.
     Checkpoints (every save_steps and each epoch end, and on Ctrl-C) resume exactly with
-    --resume_from_checkpoint PATH or True (the latest in output_dir). Returns the run record.
+    --resume_from_checkpoint PATH or True (the latest in output_dir).
     Speed and memory (docs/training.md): `packing` puts a micro-batch's examples in one row
     with no padding (default on where it is exact); `gradient_checkpointing` defaults to on
     for 8/4-bit training; `chunked_ce` (default on for vocabularies of 64k+) never builds the
@@ -146,29 +150,28 @@ def finetune(
     if preset == "list":
         print(presets_table())
         return {}
-    check_training_flags(locals())
+    flags = dict(locals())
+    check_training_flags(flags)
+    check_stage_flags(stage, packing, loss_type, base_adapter, lora_target_modules)
     resume = prepare_output_dir(output_dir, resume_from_checkpoint, overwrite_output_dir)
     the_preset = resolve_preset(preset, base_model, trust_remote_code)
     template = load_template(prompt_template_name or the_preset.template)
     source = resolve_source(base_model)
 
     # data first: every record is validated before any weights are loaded
-    records = load_records(data_path, data_format)
-    if val_data_path:
-        train_records, val_records = records, load_records(val_data_path, data_format)
-    else:
-        train_records, val_records = split_records(records, val_set_size, seed)
-
+    check_data_fits_stage(data_path, stage)
+    train_records, val_records = read_data(stage, data_path, val_data_path, val_set_size, seed, data_format)
+    lean = lean_settings(
+        load_config(source, trust_remote_code), quantization, packing, gradient_checkpointing, chunked_ce
+    )
+    lean["packing"] = lean["packing"] and stage not in PREFERENCE_STAGES  # trl's preference collators pad
     tokenizer = load_tokenizer(source, the_preset, trust_remote_code)
     prompter = Prompter(template, tokenizer, the_preset, system_prompt)
-    started = time.time()
-    train_set, stats, hit = tokenize_cached(train_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
-    val_set, _, _ = tokenize_cached(val_records, prompter, cutoff_len, train_on_inputs, add_eos_token)
-    print(f"tokenized {len(train_set) + len(val_set)} examples in {time.time() - started:.1f}s" + (" (cache)" * hit))
+    train_set, val_set, stats = tokenize_data(
+        stage, train_records, val_records, prompter, cutoff_len, train_on_inputs, add_eos_token, lean["packing"]
+    )
     if not train_set:
         raise UserError(f"{data_path}: every record is longer than --cutoff_len {cutoff_len} in its prompt alone")
-    if stats.truncated or stats.dropped:
-        print(f"cutoff_len {cutoff_len}: {stats.truncated} records truncated (eos kept), {stats.dropped} dropped")
 
     gradient_accumulation_steps = max(1, batch_size // micro_batch_size // _world_size())
     run_info = {
@@ -184,106 +187,83 @@ def finetune(
         clear_previous_run(output_dir)
 
     dtype = compute_dtype(bf16, fp16)
-    model = load_model(source, quantization, dtype, trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    lean = lean_settings(model.config, quantization, packing, gradient_checkpointing, chunked_ce)
-    if lean["packing"]:
-        use_packed_attention(model)
-    targets = resolve_targets(model, lora_target_modules, the_preset)
-    set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter
-    model = attach_lora(
-        model,
-        targets,
-        lora_r,
-        lora_alpha,
-        lora_dropout,
-        quantized=quantization != "none",
-        gradient_checkpointing=lean["gradient_checkpointing"],
-    )
-    model.print_trainable_parameters()
-
-    trainer = _build_trainer(
-        model,
-        tokenizer,
-        train_set,
-        val_set,
-        run_info=run_info,
-        output_dir=output_dir,
+    model, lora = build_model(
+        source, quantization, dtype, trust_remote_code, tokenizer, lean, base_adapter,
+        lora={"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": lora_target_modules},
+        preset=the_preset, seed=seed,
+    )  # fmt: skip
+    trainer = build_stage_trainer(
+        stage, model, tokenizer, train_set, val_set, lean, run_info,
+        fresh_adapter=base_adapter is None,
+        preference={"beta": beta, "loss_type": loss_type or DEFAULT_DPO_LOSS, "max_length": cutoff_len},
         gradient_accumulation_steps=gradient_accumulation_steps,
-        micro_batch_size=micro_batch_size,
-        num_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
         dtype=dtype,
-        group_by_length=group_by_length,
-        lean=lean,
-        eval_steps=eval_steps,
-        save_steps=save_steps,
-        logging_steps=logging_steps,
-        seed=seed,
         report_to="wandb" if wandb_project else report_to,
-    )
+        **{name: flags[name] for name in TRAINER_FLAGS},
+    )  # fmt: skip
     if wandb_project:
         os.environ["WANDB_PROJECT"] = wandb_project
-    metrics: dict = {}
-    if val_set and eval_before_training:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-        print(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
-    metrics |= trainer.throughput.summary()
-    if val_set:
-        metrics["eval_loss"] = final_eval_loss(trainer)
-        print(f"held-out loss after training: {metrics['eval_loss']:.4f}")
+    metrics = train_and_evaluate(trainer, stage, eval_before_training, resume)
 
-    record = {
-        "jalora_version": __version__,
-        "base_model": base_model,
-        "base_config": base_config_summary(model.config),
-        "preset": the_preset.name,
-        "template": template.name,
-        "system_prompt": prompter.system_prompt,
-        "quantization": quantization,
-        "cutoff_len": cutoff_len,
-        "train_on_inputs": train_on_inputs,
-        "add_eos_token": add_eos_token,
-        "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": targets},
-        "hyperparameters": {
-            "batch_size": batch_size,
-            "micro_batch_size": micro_batch_size,
-            "num_epochs": num_epochs,
-            "max_steps": max_steps,
-            "learning_rate": learning_rate,
-            "warmup_steps": trainer.args.warmup_steps,
-            "seed": seed,
-            "dtype": str(dtype).removeprefix("torch."),
-            "attention": model.config._attn_implementation,
-            **lean,
-        },
-        "data": {
-            "path": data_path,
-            "val_path": val_data_path,
-            "fingerprint": run_info["data_fingerprint"],
-            "train_examples": len(train_set),
-            "val_examples": len(val_set),
-            **asdict(stats),
-        },
-        "metrics": metrics,
-        "losses": loss_curves(trainer.state.log_history, metrics.get("eval_loss_before")),
-    }
+    record = run_record(flags, the_preset, prompter, model, trainer, lean, lora, train_set, val_set, stats, metrics)
     if trainer.is_world_process_zero():
+        if stage in PREFERENCE_STAGES:
+            from jalora.preference_trainer import drop_reference_adapter
+
+            drop_reference_adapter(model)
         save_run(model, tokenizer, record, Path(output_dir))
     return record
 
 
-def final_eval_loss(trainer) -> float:
-    """Held-out loss of the trained adapter: the Trainer's own evaluation when it ran one at the
+def build_stage_trainer(
+    stage, model, tokenizer, train_set, val_set, lean, run_info, *, fresh_adapter, preference, **args
+):
+    """jalora's Trainer for sft and pt, trl's for dpo and orpo, on the same training arguments."""
+    if stage not in PREFERENCE_STAGES:
+        collator = DocumentPackCollator() if stage == "pt" and lean["packing"] else None
+        return _build_trainer(
+            model, tokenizer, train_set, val_set, lean=lean, run_info=run_info, collator=collator, **args
+        )
+    from jalora.preference_trainer import build_preference_trainer, config_class
+
+    if stage == "orpo":
+        stage_args = {"beta": preference["beta"], "max_length": preference["max_length"]}
+    else:  # the pairs are cut to cutoff_len already, eos kept
+        stage_args = {"beta": preference["beta"], "loss_type": preference["loss_type"], "max_length": None}
+    config = training_arguments(config_class(stage), val_set, lean, train_examples=len(train_set), **stage_args, **args)
+    trainer = build_preference_trainer(stage, model, tokenizer, train_set, val_set, config, run_info, fresh_adapter)
+    log_tensorboard_to(trainer, Path(config.output_dir))
+    return trainer
+
+
+def train_and_evaluate(trainer, stage: str, evaluate_first: bool, resume) -> dict:
+    """Train, with the held-out figures of the stage before and after."""
+    metrics: dict = {}
+    has_val = trainer.eval_dataset is not None and len(trainer.eval_dataset) > 0
+    if evaluate_first and has_val:
+        metrics |= {f"{k}_before": v for k, v in stage_metrics(stage, trainer.evaluate()).items()}
+        print(f"held-out loss before training: {metrics['eval_loss_before']:.4f}")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics |= {"train_loss": result.training_loss, "steps": result.global_step, "seconds": time.time() - started}
+    if hasattr(trainer, "throughput"):
+        metrics |= trainer.throughput.summary()
+    if has_val:
+        metrics |= stage_metrics(stage, final_evaluation(trainer))
+        print(f"held-out loss after training: {metrics['eval_loss']:.4f}")
+    return metrics
+
+
+def final_evaluation(trainer) -> dict:
+    """Held-out figures of the trained adapter: the Trainer's own evaluation when it ran one at the
     last step (eval_steps dividing the step count), else a new one."""
     step = trainer.state.global_step
-    done = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
-    return done[-1] if done else trainer.evaluate()["eval_loss"]
+    done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    return done[-1] if done else trainer.evaluate()
+
+
+def final_eval_loss(trainer) -> float:
+    return final_evaluation(trainer)["eval_loss"]
 
 
 def lean_settings(
@@ -309,11 +289,10 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _build_trainer(
-    model,
-    tokenizer,
-    train_set,
+def training_arguments(
+    config_class,
     val_set,
+    lean: dict,
     *,
     output_dir,
     gradient_accumulation_steps,
@@ -323,19 +302,16 @@ def _build_trainer(
     warmup_steps,
     dtype,
     group_by_length,
-    lean,
     eval_steps,
     save_steps,
     logging_steps,
-    run_info,
     **kwargs,
 ):
-    from transformers import TrainingArguments
-
+    """TrainingArguments (or trl's DPOConfig / ORPOConfig, its subclasses) with jalora's settings."""
     examples_per_step = micro_batch_size * gradient_accumulation_steps * _world_size()
-    steps_per_epoch = math.ceil(len(train_set) / examples_per_step)
+    steps_per_epoch = math.ceil(kwargs.pop("train_examples") / examples_per_step)
     total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
-    args = TrainingArguments(
+    return config_class(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
@@ -360,12 +336,18 @@ def _build_trainer(
         gradient_checkpointing_kwargs={"use_reentrant": False},
         **kwargs,
     )
+
+
+def _build_trainer(model, tokenizer, train_set, val_set, *, lean, run_info, collator=None, **kwargs):
+    from transformers import TrainingArguments
+
+    args = training_arguments(TrainingArguments, val_set, lean, train_examples=len(train_set), **kwargs)
     trainer = JaloraTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=PackCollator() if lean["packing"] else PadCollator(tokenizer.pad_token_id),
+        data_collator=collator or (PackCollator() if lean["packing"] else PadCollator(tokenizer.pad_token_id)),
         processing_class=tokenizer,
         run_info=run_info,
         supervised_head=lean["supervised_head"],

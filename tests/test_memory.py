@@ -80,3 +80,12 @@ def test_estimate_cli_user_errors(capsys, tmp_path):
     with pytest.raises(SystemExit):
         estimate_cli(model, "--lora_target_modules", "q_proj")
     assert "query_key_value" in capsys.readouterr().err
+
+
+def test_dpo_estimate_counts_two_sequences_per_pair():
+    config = load_config(resolve_source(str(SEED_CONFIGS / "elyza-llama2-7b")))
+    sft = estimate_memory(config, "4bit", 512, 2, "all-linear", stage="sft")
+    dpo = estimate_memory(config, "4bit", 512, 2, "all-linear", stage="dpo")
+    same_tokens = estimate_memory(config, "4bit", 1024, 2, "all-linear", stage="sft", chunked_ce=True)
+    assert dpo["weights"] == sft["weights"] and dpo["activations"] == same_tokens["activations"]
+    assert dpo["activations"] > 1.5 * sft["activations"] and dpo["chunked_ce"]
