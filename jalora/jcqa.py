@@ -149,38 +149,59 @@ def choice_requests(prompter, contexts: list[str], questions: list[dict]) -> lis
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, requests: list[tuple[list[int], int]], pad_token_id: int) -> list[float]:
-    """Summed log-probability of ids[start:] given ids[:start], for one batch of requests.
+def choice_logprobs(model, requests: list[tuple[list[int], int]], pad_token_id: int) -> list[float]:
+    """Summed log-probability of ids[start:] given ids[:start] for every request, the requests
+    coming in groups of five (one question's choices, which share the prompt).
 
-    Rows are left-padded with explicit position ids, so every continuation ends at the last
-    position and only the last few positions' logits are computed (`logits_to_keep`): the
-    full (batch, length, vocabulary) tensor would be gigabytes for a 50k vocabulary.
+    The prompt of each question runs once, left-padded with explicit position ids; its key/value
+    cache is then repeated for the five choices, which run as a short right-padded batch. Scoring
+    every choice with its whole prompt would cost five times as much.
     """
-    longest = max(len(ids) for ids, _ in requests)
-    keep = max(len(ids) - start for ids, start in requests) + 1
+    n = len(CHOICES)
+    groups = [requests[i : i + n] for i in range(0, len(requests), n)]
+    prefixes = [group[0][0][: min(start for _, start in group)] for group in groups]  # shared by the five
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_token_id] * (longest - len(ids)) + ids for ids, _ in requests], device=device)
-    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _ in requests], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    width = max(map(len, prefixes))
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prefixes], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
+    cache, last = out.past_key_values, out.logits[:, -1].repeat_interleave(n, dim=0)
+    cache.batch_repeat_interleave(n)
+    suffixes = [ids[len(prefixes[i // n]) :] for i, (ids, _) in enumerate(requests)]
+    longest = max(map(len, suffixes))
+    suffix_ids = torch.tensor([s + [pad_token_id] * (longest - len(s)) for s in suffixes], device=device)
+    suffix_mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in suffixes], device=device)
+    lengths = torch.tensor([len(prefixes[i // n]) for i in range(len(requests))], device=device)
+    logits = model(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([mask.repeat_interleave(n, dim=0), suffix_mask], dim=1),
+        position_ids=lengths[:, None] + torch.arange(longest, device=device),
+        past_key_values=cache,
+    ).logits
     scores = []
-    for row, (ids, start) in enumerate(requests):
-        n = len(ids) - start
-        logprobs = torch.log_softmax(logits[row, -n - 1 : -1].float(), dim=-1)
-        targets = torch.tensor(ids[start:], device=device)
+    for row, (_, start) in enumerate(requests):
+        suffix = suffixes[row]
+        # row k predicts suffix[k]: the prompt's last logits, then the choice's own
+        predicted = torch.cat([last[row : row + 1], logits[row, : len(suffix) - 1]]).float()
+        scored = start - len(prefixes[row // n])
+        logprobs = torch.log_softmax(predicted[scored:], dim=-1)
+        targets = torch.tensor(suffix[scored:], device=device)
         scores.append(logprobs.gather(1, targets[:, None]).sum().item())
     return scores
 
 
 def score_questions(generator: Generator, contexts: list[str], questions: list[dict], batch_size: int) -> list[list]:
-    """Five scores per question, `batch_size` questions (5x as many sequences) per forward pass."""
+    """Five scores per question, `batch_size` questions per forward pass."""
     scores: list[list[float]] = []
     pad = generator.tokenizer.pad_token_id
     with tqdm(total=len(questions), unit="question", desc=TASK) as bar:
         for start in range(0, len(questions), batch_size):
             chunk = slice(start, start + batch_size)
             requests = choice_requests(generator.prompter, contexts[chunk], questions[chunk])
-            flat = continuation_logprobs(generator.model, requests, pad)
+            flat = choice_logprobs(generator.model, requests, pad)
             scores += [flat[i : i + len(CHOICES)] for i in range(0, len(flat), len(CHOICES))]
             bar.update(len(questions[chunk]))
     return scores
