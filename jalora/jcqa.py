@@ -168,7 +168,7 @@ def choice_logprobs(model, requests: list[tuple[list[int], int]], pad_token_id: 
         input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
         logits_to_keep=1,
     )  # fmt: skip
-    cache, last = out.past_key_values, out.logits[:, -1].repeat_interleave(n, dim=0)
+    cache, last = out.cache, out.logits[:, -1].repeat_interleave(n, dim=0)
     cache.batch_repeat_interleave(n)
     suffixes = [ids[len(prefixes[i // n]) :] for i, (ids, _) in enumerate(requests)]
     longest = max(map(len, suffixes))
@@ -179,7 +179,7 @@ def choice_logprobs(model, requests: list[tuple[list[int], int]], pad_token_id: 
         input_ids=suffix_ids,
         attention_mask=torch.cat([mask.repeat_interleave(n, dim=0), suffix_mask], dim=1),
         position_ids=lengths[:, None] + torch.arange(longest, device=device),
-        past_key_values=cache,
+        cache=cache,
     ).logits
     scores = []
     for row, (_, start) in enumerate(requests):
