@@ -1,7 +1,8 @@
 """Slow: `jalora ui` opened in a real headless Chromium (Debian's package, driven by selenium): a
 Japanese prompt typed in, the button pressed, the streamed answer read back equal to generate.py's.
 
-Needs `pip install -e '.[ui]' selenium` and `apt-get install chromium chromium-driver` (`make browser`)."""
+Needs `pip install -e '.[ui,browser]'` (make test-slow does it) and Debian's `chromium chromium-driver`
+(`make browser`); skipped without them."""
 
 from __future__ import annotations
 
