@@ -184,8 +184,9 @@ def evaluate(
         raise UserError(f"unknown --tasks {tasks!r}; choose one of: {', '.join(TASKS)}")
     if tasks == "jcommonsenseqa":
         return evaluate_jcqa(
-            lora_weights, base_model, data_path, num_fewshot, fewshot_path, use_template, output_file, batch_size,
-            compare_base, quantization, trust_remote_code,
+            lora_weights=lora_weights, base_model=base_model, data_path=data_path, num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path, use_template=use_template, output_file=output_file, batch_size=batch_size,
+            compare_base=compare_base, quantization=quantization, trust_remote_code=trust_remote_code,
         )  # fmt: skip
     if not lora_weights:
         raise UserError("--lora_weights is required (the adapter folder to evaluate)")
