@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install dev demo test test-slow bench lint
+.PHONY: install dev demo test test-slow browser bench lint
 
 # CPU torch 2.13.0 is installed first, alone, so that nothing pulls a CUDA build on a CPU
 # machine (on a GPU machine `pip install torch==2.13.0` gets the CUDA build, as it should).
@@ -33,8 +33,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
+# the browser test of `jalora ui` also needs Debian's chromium (`make browser`); without it, it is skipped
 test-slow: $(VENV)/.gguf-check-installed
+	$(PIP) install -e ".[ui,browser]"
 	$(PY) -m pytest -q -m slow tests
+
+browser:
+	apt-get install -y chromium chromium-driver
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -30,6 +30,7 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.15", "nbmake>=1.5", "nbclient>=0.10", "ipykernel", "tensorboard"],
         "ui": ["gradio>=5"],
         "gguf-check": ["llama-cpp-python>=0.3"],  # compiles llama.cpp: for `make test-slow` only
+        "browser": ["selenium>=4.20"],  # drives Debian's chromium in the web demo's test
     },
     entry_points={"console_scripts": ["jalora=jalora.cli:main"]},
 )

@@ -23,6 +23,7 @@ from jalora.collate import PadCollator
 from jalora.data import IGNORE_INDEX, TokenizeStats, fingerprint, iter_rows, load_records, tokenize_records
 from jalora.errors import UserError, friendly_errors
 from jalora.generation import Generator, Sampling
+from jalora.jcqa import evaluate_jcqa
 from jalora.outputs import RUN_RECORD, read_run_record, write_atomic, write_json
 from jalora.pretrain_data import load_documents, tokenize_documents
 from jalora.quiet import quiet_third_party
@@ -30,7 +31,7 @@ from jalora.quiet import quiet_third_party
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 HELD_OUT_DATA = DATA_DIR / "dolly_ja_heldout.jsonl"
 TASKS_DATA = DATA_DIR / "elyza_tasks_sample.jsonl"
-TASKS = ("elyza-tasks-100",)
+TASKS = ("elyza-tasks-100", "jcommonsenseqa")
 TASK_FIELDS = ("input", "output", "eval_aspect")
 NO_CATEGORY = "uncategorized"
 
@@ -152,7 +153,7 @@ def answer_tasks(generator: Generator, rows: list[dict], sampling: Sampling, bat
 
 @friendly_errors
 def evaluate(
-    lora_weights: str,
+    lora_weights: str | None = None,
     data_path: str | None = None,
     tasks: str | None = None,
     compare_base: bool = False,
@@ -166,9 +167,13 @@ def evaluate(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int = 0,
     trust_remote_code: bool = False,
+    num_fewshot: int = 0,
+    fewshot_path: str | None = None,
+    use_template: bool | None = None,
     verbose: bool = False,
 ) -> dict:
-    """Held-out loss/perplexity of an adapter (default), or answers to an ELYZA-tasks-100 file.
+    """Held-out loss/perplexity of an adapter (default), answers to an ELYZA-tasks-100 file, or
+    JCommonsenseQA accuracy.
 
     Loss mode: --data_path is dolly-style JSONL (default: the bundled held-out set); the loss
     covers answer tokens only (prompts are never scored); for a pt run it is held-out text
@@ -176,11 +181,22 @@ def evaluate(
     is written into the run record and model card. Tasks mode (--tasks elyza-tasks-100):
     answers go to --output_file (default: ADAPTER/elyza_tasks_answers.jsonl), greedy unless
     --temperature is set. The base model loads as in training (the run's quantization).
+    --tasks jcommonsenseqa (also with --base_model alone): multiple-choice accuracy by
+    log-likelihood, --num_fewshot examples from --fewshot_path, --use_template to score inside
+    the run's template (default: on with an adapter); see docs/evaluation.md.
     --verbose shows the libraries' warnings and log lines.
     """
     quiet_third_party(verbose)
     if tasks is not None and tasks not in TASKS:
         raise UserError(f"unknown --tasks {tasks!r}; choose one of: {', '.join(TASKS)}")
+    if tasks == "jcommonsenseqa":
+        return evaluate_jcqa(
+            lora_weights=lora_weights, base_model=base_model, data_path=data_path, num_fewshot=num_fewshot,
+            fewshot_path=fewshot_path, use_template=use_template, output_file=output_file, batch_size=batch_size,
+            compare_base=compare_base, quantization=quantization, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    if not lora_weights:
+        raise UserError("--lora_weights is required (the adapter folder to evaluate)")
     record = read_run_record(lora_weights)
     pretraining = record.get("stage") == "pt" and not tasks
     if pretraining and data_path is None:

@@ -73,7 +73,7 @@ def build_demo(gr, generator: Generator):
         with gr.Row():
             with gr.Column():
                 controls = [
-                    gr.Textbox(label="instruction (指示)", lines=4),
+                    gr.Textbox(label="instruction (指示)", lines=4, elem_id="instruction"),
                     gr.Textbox(label="input (入力, optional)", lines=3),
                     gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens"),
                     gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)"),
@@ -93,10 +93,10 @@ def build_demo(gr, generator: Generator):
                     gr.Textbox(label="penalty_exempt (characters)", value=DEFAULT_EXEMPT),
                     gr.Textbox(label="stop strings (one per line)", lines=2),
                 ]
-                button = gr.Button("generate", variant="primary")
+                button = gr.Button("generate", variant="primary", elem_id="generate")
             with gr.Column():
-                answer = gr.Textbox(label="answer", lines=16)
-                report = gr.Textbox(label="repetition report")
+                answer = gr.Textbox(label="answer", lines=16, elem_id="answer")
+                report = gr.Textbox(label="repetition report", elem_id="report")
         button.click(run, inputs=controls, outputs=[answer, report])
     return demo
 
