@@ -1,7 +1,10 @@
-"""Generate with a trained adapter: `python generate.py --lora_weights OUT --prompt ...` (see jalora/generation.py)."""
+"""Generate with a trained adapter: `python generate.py --lora_weights OUT --prompt ...`.
+
+The flags are those of jalora.generate.command.main.
+"""
 
 from jalora.cli import run_quietly
-from jalora.generation import main
+from jalora.generate.command import main
 
 if __name__ == "__main__":
     run_quietly(main)

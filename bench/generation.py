@@ -26,7 +26,7 @@ from pathlib import Path
 import fire
 import torch
 
-from jalora.generation import Generator, Sampling
+from jalora.generate.generator import Generator, Sampling
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
 COPYING = ("summarization", "information_extraction", "closed_qa")

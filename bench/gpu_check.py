@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the offline tokenizer
 
 from tiny_models import build_tiny  # noqa: E402
 
-from jalora.memory import GB, estimate  # noqa: E402
-from jalora.train import finetune  # noqa: E402
+from jalora.evaluate.memory import GB, estimate  # noqa: E402
+from jalora.train.finetune import finetune  # noqa: E402
 
 SAMPLE = REPO / "data" / "dolly_ja_sample.jsonl"
 TINY_SHAPE = {

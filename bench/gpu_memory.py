@@ -17,10 +17,10 @@ from pathlib import Path
 import fire
 import torch
 
-from jalora.memory import GB, estimate
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.evaluate.memory import GB, estimate
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.train import finetune
+from jalora.train.finetune import finetune
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
 

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from jalora.cli import run_quietly
-from jalora.jcqa import evaluate_jcqa, instruction_records, read_questions
-from jalora.train import SAMPLE_DATA, finetune
+from jalora.data.records import SAMPLE_DATA
+from jalora.evaluate.jcqa import evaluate_jcqa, instruction_records, read_questions
+from jalora.train.finetune import finetune
 
 SAMPLE = SAMPLE_DATA.with_name("jcqa_sample.jsonl")
 

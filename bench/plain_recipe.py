@@ -8,8 +8,8 @@ the text jalora's Prompter gives, so both sides train on the same text."""
 
 from __future__ import annotations
 
-from jalora.data import IGNORE_INDEX, Record
-from jalora.prompts import Prompter
+from jalora.data.prompts import Prompter
+from jalora.data.records import IGNORE_INDEX, Record
 
 
 def render_plainly(prompter: Prompter, instruction: str, input: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jalora.cli import run_quietly
 from jalora.demo import HELD_OUT, short_run
-from jalora.generation import Generator, Sampling
+from jalora.generate.generator import Generator, Sampling
 
 
 def eos_share(generator: Generator, questions: list[tuple[str, str]], sampling: Sampling, batch: int = 8):

@@ -22,11 +22,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_recipe import render_plainly, tokenize_per_example  # noqa: E402
 
-from jalora.cache import tokenize_cached  # noqa: E402
-from jalora.data import load_records  # noqa: E402
-from jalora.modeling import load_tokenizer, resolve_source  # noqa: E402
+from jalora.data.cache import tokenize_cached  # noqa: E402
+from jalora.data.prompts import Prompter, load_template  # noqa: E402
+from jalora.data.records import load_records  # noqa: E402
+from jalora.model.loading import load_tokenizer, resolve_source  # noqa: E402
 from jalora.presets import get_preset  # noqa: E402
-from jalora.prompts import Prompter, load_template  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "dolly_ja_sample.jsonl"
 

@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_recipe import pad_collator, render_plainly, tokenize_per_example  # noqa: E402
 
-from jalora.collate import TokenCounter  # noqa: E402
-from jalora.data import IGNORE_INDEX, load_records  # noqa: E402
-from jalora.modeling import load_model, load_tokenizer, resolve_source  # noqa: E402
+from jalora.data.collate import TokenCounter  # noqa: E402
+from jalora.data.prompts import Prompter, load_template  # noqa: E402
+from jalora.data.records import IGNORE_INDEX, load_records  # noqa: E402
+from jalora.model.loading import load_model, load_tokenizer, resolve_source  # noqa: E402
 from jalora.presets import get_preset  # noqa: E402
-from jalora.progress import ThroughputCallback  # noqa: E402
-from jalora.prompts import Prompter, load_template  # noqa: E402
-from jalora.train import finetune  # noqa: E402
+from jalora.train.finetune import finetune  # noqa: E402
+from jalora.train.progress import ThroughputCallback  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -241,7 +241,7 @@ def jalora_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: 
 
 def heldout_loss(model, prompter: Prompter, n: int = 24, cutoff: int = 512) -> float:
     """Token-mean answer loss on held-out records, example by example (no padding, no packing)."""
-    from jalora.data import tokenize_records
+    from jalora.data.records import tokenize_records
 
     examples, _ = tokenize_records(load_records(str(DATA / "dolly_ja_heldout.jsonl"))[:n], prompter, cutoff)
     model.eval()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import fire
 
-from jalora.evaluate import evaluate
-from jalora.export import merge
-from jalora.generation import main as generate
-from jalora.gguf_export import export
-from jalora.inspection import inspect
-from jalora.memory import estimate
+from jalora.evaluate.heldout import evaluate
+from jalora.evaluate.memory import estimate
+from jalora.export.gguf import export
+from jalora.export.merge import merge
+from jalora.generate.command import main as generate
+from jalora.generate.ui import ui
 from jalora.presets import presets_table
-from jalora.train import finetune
-from jalora.ui import ui
+from jalora.train.finetune import finetune
+from jalora.train.inspect import inspect
 
 
 def presets() -> None:

@@ -7,8 +7,9 @@ import json
 import time
 
 from jalora.cli import run_quietly
-from jalora.generation import Generator, Sampling
-from jalora.train import SAMPLE_DATA, finetune
+from jalora.data.records import SAMPLE_DATA
+from jalora.generate.generator import Generator, Sampling
+from jalora.train.finetune import finetune
 
 HELD_OUT = SAMPLE_DATA.with_name("dolly_ja_heldout.jsonl")
 

@@ -37,7 +37,7 @@ class Preset:
     `required_tokens` are special tokens the family's tokenizer has; detection from a folder
     checks them, so a renamed Llama-2 Swallow is not taken for a Llama-3 one.
     `sentencepiece_files` makes the tokenizer load straight from that SentencePiece file
-    instead of through AutoTokenizer (see jalora/sentencepiece_tokenizer.py).
+    instead of through AutoTokenizer (see jalora/model/sentencepiece_tokenizer.py).
     """
 
     name: str

@@ -9,11 +9,11 @@ import torch
 from test_packing import sample_examples
 from transformers import TrainerCallback
 
-from jalora.data import IGNORE_INDEX
-from jalora.modeling import attach_lora, load_model, load_tokenizer, resolve_source
-from jalora.packed_attention import use_packed_attention
+from jalora.data.records import IGNORE_INDEX
+from jalora.model.loading import attach_lora, load_model, load_tokenizer, resolve_source
+from jalora.model.packed_attention import use_packed_attention
 from jalora.presets import get_preset
-from jalora.train import _build_trainer
+from jalora.train.trainer import _build_trainer
 
 
 class GradSnapshot(TrainerCallback):

@@ -12,9 +12,9 @@ import torch
 from test_packing import sample_examples
 from transformers import TrainingArguments
 
-from jalora.collate import PadCollator
-from jalora.lean_trainer import LeanTrainer
-from jalora.modeling import attach_lora, load_model, resolve_source
+from jalora.data.collate import PadCollator
+from jalora.model.loading import attach_lora, load_model, resolve_source
+from jalora.train.lean_trainer import LeanTrainer
 
 
 def one_bf16_step(model_dir, tmp_path, supervised_head: bool) -> tuple[set[torch.dtype], float]:

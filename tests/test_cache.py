@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from jalora.cache import tokenize_cached
-from jalora.data import load_records, tokenize_records
-from jalora.modeling import load_tokenizer, resolve_source
-from jalora.packed_attention import PACKED_SDPA
+from jalora.data.cache import tokenize_cached
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import SAMPLE_DATA, load_records, tokenize_records
+from jalora.model.loading import load_tokenizer, resolve_source
+from jalora.model.packed_attention import PACKED_SDPA
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template
-from jalora.train import SAMPLE_DATA, finetune
+from jalora.train.finetune import finetune
 
 
 def prompter_for(model_dir, family: str) -> Prompter:

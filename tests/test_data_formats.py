@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jalora.data import Record, load_records
+from jalora.data.records import Record, load_records
 from jalora.errors import UserError
 
 ALPACA = {"instruction": "要約して。", "input": "長い文章。", "output": "短い文章。"}

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from jalora.data.prompts import load_template
 from jalora.errors import UserError
-from jalora.generation import main as generate_cli
-from jalora.modeling import attach_lora, load_model, load_tokenizer, resolve_source
-from jalora.preflight import base_config_summary
+from jalora.generate.command import main as generate_cli
+from jalora.model.loading import attach_lora, load_model, load_tokenizer, resolve_source
+from jalora.model.preflight import base_config_summary
 from jalora.presets import get_preset
-from jalora.prompts import load_template
-from jalora.train import finetune as finetune_cli
-from jalora.train import save_run
+from jalora.train.finetune import finetune as finetune_cli
+from jalora.train.finetune import save_run
 
 REPO = Path(__file__).resolve().parent.parent
 NO_MODEL = "/nonexistent/model"  # any attempt to load it would fail differently: proves the error came first
@@ -168,7 +168,7 @@ def test_template_with_unbalanced_brace(tmp_path):
 
 
 def test_braces_in_data_are_text_not_placeholders(tiny_model_dir):
-    from jalora.prompts import Prompter
+    from jalora.data.prompts import Prompter
 
     base = resolve_source(str(tiny_model_dir("open-calm")))
     preset = get_preset("open-calm")
@@ -318,7 +318,7 @@ def test_cli_generate_with_mismatched_base_exits_2(open_calm_adapter, tiny_model
 @pytest.mark.slow
 def test_gguf_base_never_reads_pickle_beside_it(tmp_path):
     """The GGUF path loads only the named .gguf file: a pickle in the same folder stays unread."""
-    from jalora.modeling import EMBEDDED
+    from jalora.model.loading import EMBEDDED
 
     real = resolve_source("smollm2")
     folder = tmp_path / "gguf"

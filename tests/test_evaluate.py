@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from jalora.data import load_records, tokenize_records
-from jalora.evaluate import evaluate
-from jalora.generation import Generator
-from jalora.train import finetune
+from jalora.data.records import load_records, tokenize_records
+from jalora.evaluate.heldout import evaluate
+from jalora.generate.generator import Generator
+from jalora.train.finetune import finetune
 
 TOPICS = ["東京", "富士山", "寿司", "新幹線", "桜", "京都", "将棋", "温泉", "俳句", "味噌汁", "相撲", "紅葉"]
 CATEGORIES = ["open_qa", "brainstorming", "closed_qa"]
@@ -156,7 +156,7 @@ def test_elyza_tasks_csv_answers_for_adapter_and_base(run_dir, tmp_path):
     answered = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [{k: r[k] for k in ("input", "output", "eval_aspect")} for r in answered] == rows
 
-    from jalora.generation import Sampling
+    from jalora.generate.generator import Sampling
 
     generator = Generator.load(lora_weights=str(run_dir))
     expected = generator.answer([(r["input"], "") for r in rows], Sampling(max_new_tokens=6))

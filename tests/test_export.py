@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from jalora.export import merge
-from jalora.modeling import attach_lora, load_model, load_tokenizer, resolve_source
+from jalora.export.merge import merge
+from jalora.model.loading import attach_lora, load_model, load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.train import save_run
+from jalora.train.finetune import save_run
 
 TEXT = "吾輩は猫である。名前はまだ無い。"
 

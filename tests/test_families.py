@@ -15,13 +15,13 @@ import torch
 from tiny_models import FAMILIES, RINNA_SPECIAL_TOKENS
 from transformers import AutoTokenizer
 
-from jalora.data import IGNORE_INDEX, Record, load_records, tokenize_records
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import IGNORE_INDEX, SAMPLE_DATA, Record, load_records, tokenize_records
 from jalora.errors import UserError
-from jalora.generation import Generator, Sampling
-from jalora.modeling import load_model, load_tokenizer, resolve_source
+from jalora.generate.generator import Generator, Sampling
+from jalora.model.loading import load_model, load_tokenizer, resolve_preset, resolve_source
 from jalora.presets import ELYZA_SYSTEM, PRESETS, detect_preset, presets_table, special_tokens_in
-from jalora.prompts import Prompter, load_template
-from jalora.train import SAMPLE_DATA, finetune, resolve_preset
+from jalora.train.finetune import finetune
 
 CHAT = ("llama3-elyza", "llm-jp-3", "qwen2.5")
 # the token that really ends an answer, per the model cards

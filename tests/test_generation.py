@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from jalora.batch_answers import answer_file
 from jalora.errors import UserError
-from jalora.generation import Generator, Sampling, load_assistant
+from jalora.generate.batch_answers import answer_file
+from jalora.generate.generator import Generator, Sampling, load_assistant
 
 PROMPTS = [
     ("日本の首都について教えてください。", ""),
@@ -173,7 +173,7 @@ CHAT_SAMPLING = greedy(max_new_tokens=8, frequency_penalty=5.0)
 
 def drive_chat(gen: Generator, lines: list[str], monkeypatch, capsys) -> tuple[list[str], str]:
     """Run the chat loop on `lines` as stdin; return the prompts the model saw and stdout."""
-    from jalora.chat import chat_loop
+    from jalora.generate.chat import chat_loop
 
     seen: list[str] = []
     real_stream = gen.stream
@@ -211,8 +211,8 @@ def test_chat_loop_is_single_turn_for_alpaca_templates(generators, monkeypatch, 
 
 
 def test_web_demo_streams_the_cli_answer_and_reports_without_gradio(generators):
-    from jalora.repetition_score import format_report, repetition_report
-    from jalora.ui import answer_stream
+    from jalora.generate.repetition_score import format_report, repetition_report
+    from jalora.generate.ui import answer_stream
 
     gen = generators("open-calm")
     steps = list(answer_stream(gen, *PROMPTS[1], max_new_tokens=20, generated_only_penalty=1.2, stop="。\n###"))

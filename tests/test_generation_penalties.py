@@ -7,10 +7,10 @@ import torch
 from transformers import AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from jalora.errors import UserError
-from jalora.penalties import FrequencyPresencePenalty, Penalties, RepetitionPenalty, exempt_token_ids
-from jalora.repetition_score import distinct_n, repeated_ngram_share, repetition_report
-from jalora.stop_strings import cut_at_stop, parse_stops, partial_stop_length
-from jalora.streaming import IncrementalText
+from jalora.generate.penalties import FrequencyPresencePenalty, Penalties, RepetitionPenalty, exempt_token_ids
+from jalora.generate.repetition_score import distinct_n, repeated_ngram_share, repetition_report
+from jalora.generate.stop_strings import cut_at_stop, parse_stops, partial_stop_length
+from jalora.generate.streaming import IncrementalText
 
 RARE_KANJI_TEXT = "鬱蒼とした森で齟齬が生じた。東京の天気は晴れ。"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from jalora.generation import Generator, Sampling
-from jalora.penalties import RepetitionPenalty
+from jalora.generate.generator import Generator, Sampling
+from jalora.generate.penalties import RepetitionPenalty
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real_tokenizers" / "qwen2.5"
 IM_END, ENDOFTEXT = 151645, 151643
@@ -132,7 +132,7 @@ def test_model_advice_is_shown_once_and_report_shows_settings_in_effect(generato
 
 def test_merge_writes_the_family_end_of_turn_as_eos(tmp_path):
     """A Qwen2.5 base ships eos <|endoftext|> only; the merged ChatML model must stop at <|im_end|>."""
-    from jalora.export import merge
+    from jalora.export.merge import merge
 
     base_file = {"bos_token_id": ENDOFTEXT, "eos_token_id": ENDOFTEXT, "do_sample": False, "max_new_tokens": 2048}
     base = tiny_real_qwen(tmp_path / "base", base_file)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from test_export import random_adapter
 
-from jalora.gguf_export import export, interleave_rope_rows
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.data.prompts import Prompter, load_template
+from jalora.export.gguf import export, interleave_rope_rows
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LLAMA2_TOKENIZER = SHARED / "fixtures" / "real_tokenizers" / "llama2-elyza"

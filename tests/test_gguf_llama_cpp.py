@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_export import random_adapter
 
-from jalora.gguf_export import export
+from jalora.export.gguf import export
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is absent: pip install -e '.[gguf-check]'")
 
@@ -48,7 +48,7 @@ def test_llama_cpp_logits_match_transformers(tiny_model_dir, tmp_path, family):
 @pytest.mark.slow
 def test_smollm2_adapter_in_llama_cpp_answers_like_generate(tmp_path):
     from jalora.demo import held_out_questions, short_run
-    from jalora.generation import Generator, Sampling
+    from jalora.generate.generator import Generator, Sampling
 
     short_run(str(tmp_path / "run"), max_steps=10, cutoff_len=128)
     started = time.time()

@@ -10,13 +10,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from jalora.cli import COMMANDS
-from jalora.data import load_records, tokenize_records
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import SAMPLE_DATA, load_records, tokenize_records
 from jalora.errors import UserError
-from jalora.inspection import CLOSE, OPEN, inspect
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template
-from jalora.train import SAMPLE_DATA
+from jalora.train.inspect import CLOSE, OPEN, inspect
 
 RECORDS = 12
 

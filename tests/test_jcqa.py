@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-from jalora.evaluate import evaluate
-from jalora.generation import Generator
-from jalora.jcqa import (
+from jalora.data.records import SAMPLE_DATA
+from jalora.evaluate.heldout import evaluate
+from jalora.evaluate.jcqa import (
     CHOICES,
     DESCRIPTION,
     answer,
@@ -23,7 +23,8 @@ from jalora.jcqa import (
     plain_prompt,
     read_questions,
 )
-from jalora.train import SAMPLE_DATA, finetune
+from jalora.generate.generator import Generator
+from jalora.train.finetune import finetune
 
 SAMPLE = SAMPLE_DATA.with_name("jcqa_sample.jsonl")
 QUESTIONS = 8  # enough to need the question to pick the answer, few enough to memorise in seconds

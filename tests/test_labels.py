@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from jalora.data import IGNORE_INDEX, Record, tokenize_records
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import IGNORE_INDEX, Record, tokenize_records
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template
 
 FAMILIES = ["open-calm", "elyza-llama2", "elyza-llama2-instruct"]
 RECORD = Record(instruction="日本の首都はどこですか？", input="地理の質問です。", output="東京です。")
@@ -84,7 +84,7 @@ def test_exactly_one_bos_for_llama(tiny_model_dir):
 
 def test_padding_never_masks_eos(tiny_model_dir):
     """Collated batch: pad positions are masked, the eos of the shorter example is still a label."""
-    from jalora.collate import PadCollator
+    from jalora.data.collate import PadCollator
 
     prompter = prompter_for(tiny_model_dir, "elyza-llama2-instruct")  # its tokenizer shipped pad == eos
     short = Record(instruction="はい", output="はい。")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jalora.lora_dropout import IntegerMaskDropout
-from jalora.modeling import attach_lora, load_model, resolve_source
+from jalora.model.loading import attach_lora, load_model, resolve_source
+from jalora.model.lora_dropout import IntegerMaskDropout
 
 
 def test_drops_p_of_the_elements_and_scales_the_rest_like_torch():

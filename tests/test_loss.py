@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_packing import sample_examples
 
-from jalora.collate import PackCollator, PadCollator
-from jalora.loss import causal_lm_loss, wants_chunked_ce
-from jalora.modeling import attach_lora, load_config, load_model, resolve_source
+from jalora.data.collate import PackCollator, PadCollator
+from jalora.model.loading import attach_lora, load_config, load_model, resolve_source
+from jalora.train.loss import causal_lm_loss, wants_chunked_ce
 
 
 @pytest.mark.parametrize(

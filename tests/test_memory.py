@@ -9,8 +9,8 @@ import fire
 import pytest
 
 from jalora.cli import COMMANDS
-from jalora.memory import NF4_BYTES, estimate_memory, lora_parameters, parameter_counts, shapes
-from jalora.modeling import attach_lora, load_config, load_model, resolve_source
+from jalora.evaluate.memory import NF4_BYTES, estimate_memory, lora_parameters, parameter_counts, shapes
+from jalora.model.loading import attach_lora, load_config, load_model, resolve_source
 
 SEED_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "model_configs"
 

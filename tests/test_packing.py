@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jalora.collate import PACKING_EXACT, PackCollator, PadCollator, TokenCounter
-from jalora.data import IGNORE_INDEX, load_records, tokenize_records
-from jalora.modeling import load_model, load_tokenizer, resolve_source
-from jalora.packed_attention import PACKED_SDPA, use_packed_attention
+from jalora.data.collate import PACKING_EXACT, PackCollator, PadCollator, TokenCounter
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import IGNORE_INDEX, SAMPLE_DATA, load_records, tokenize_records
+from jalora.model.loading import load_model, load_tokenizer, resolve_source
+from jalora.model.packed_attention import PACKED_SDPA, use_packed_attention
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template
-from jalora.train import SAMPLE_DATA
 
 FAMILIES = {"elyza-llama2": "llama", "open-calm": "gpt_neox", "qwen2.5": "qwen2"}
 

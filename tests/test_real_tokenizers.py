@@ -12,11 +12,10 @@ import pytest
 from tiny_models import LLMJP3_CHAT_TEMPLATE
 from transformers import AutoTokenizer
 
-from jalora.data import IGNORE_INDEX, Record, load_records, tokenize_records
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.data.prompts import Prompter, load_template, template_names
+from jalora.data.records import IGNORE_INDEX, SAMPLE_DATA, Record, load_records, tokenize_records
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.prompts import Prompter, load_template, template_names
-from jalora.train import SAMPLE_DATA
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real_tokenizers"
 HELD_OUT = SAMPLE_DATA.parent / "dolly_ja_heldout.jsonl"

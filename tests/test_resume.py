@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from jalora.errors import UserError
-from jalora.nan_guard import NonFiniteLossError
 from jalora.outputs import (
     CHECKPOINT_INFO,
     clear_previous_run,
@@ -29,7 +28,8 @@ from jalora.outputs import (
     save_pretrained_atomic,
     write_json,
 )
-from jalora.train import finetune as finetune_cli
+from jalora.train.finetune import finetune as finetune_cli
+from jalora.train.nan_guard import NonFiniteLossError
 
 finetune = finetune_cli.__wrapped__  # in-process: the UserError itself, not the CLI's exit
 

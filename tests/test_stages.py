@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from jalora.data.preference import load_pairs, tokenize_pairs
+from jalora.data.pretrain import DocumentPackCollator, load_documents, pack_documents, tokenize_documents
+from jalora.data.prompts import Prompter, load_template
 from jalora.errors import UserError
-from jalora.evaluate import evaluate as evaluate_cli
-from jalora.modeling import load_tokenizer, resolve_source
-from jalora.preference_data import load_pairs, tokenize_pairs
+from jalora.evaluate.heldout import evaluate as evaluate_cli
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.pretrain_data import DocumentPackCollator, load_documents, pack_documents, tokenize_documents
-from jalora.prompts import Prompter, load_template
-from jalora.train import finetune as finetune_cli
+from jalora.train.finetune import finetune as finetune_cli
 
 finetune = finetune_cli.__wrapped__  # in-process: the UserError itself, not the CLI's exit
 evaluate = evaluate_cli.__wrapped__
@@ -85,7 +85,7 @@ def test_orpo_trains_and_saves(tiny_model_dir, pair_files, tmp_path):
 
 def test_preference_ids_are_the_sft_ids(tiny_model_dir, pair_files):
     """The prompt plus each reply is exactly the SFT example of that reply, eos last, no pad inside."""
-    from jalora.data import load_records, tokenize_records
+    from jalora.data.records import load_records, tokenize_records
 
     source = resolve_source(str(tiny_model_dir("elyza-llama2")))
     preset = get_preset("elyza-llama2")

@@ -293,9 +293,14 @@ def test_model_matches_tokenizer_and_trains(tiny_model_dir: BuildDir, family: st
 def test_corpus_prefers_project_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert japanese_corpus() and all(isinstance(s, str) and s for s in japanese_corpus())
     record = {"instruction": "日本の首都は？", "output": "東京です。" * 500, "meta": {"tags": ["地理"]}}
-    (tmp_path / "x.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n{broken\n", encoding="utf-8")
+    (tmp_path / tiny_models.TOKENIZER_TEXT[0]).write_text(
+        json.dumps(record, ensure_ascii=False) + "\n{broken\n", encoding="utf-8"
+    )
     monkeypatch.setattr(tiny_models, "DATA_DIR", tmp_path)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "使われない"}, ensure_ascii=False), encoding="utf-8")
     assert japanese_corpus() == ["日本の首都は？", "東京です。" * 500, "地理"]
-    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "短い"}, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / tiny_models.TOKENIZER_TEXT[0]).write_text(
+        json.dumps({"text": "短い"}, ensure_ascii=False), encoding="utf-8"
+    )
     corpus = japanese_corpus()
     assert corpus[0] == "短い" and len(corpus) > 10  # small data is topped up with built-in sentences

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from jalora.modeling import attach_lora, keep_4bit_trainable, load_model, load_tokenizer, resolve_source
+from jalora.model.loading import attach_lora, keep_4bit_trainable, load_model, load_tokenizer, resolve_source
 from jalora.presets import get_preset
-from jalora.train import final_eval_loss, finetune, save_run
+from jalora.train.finetune import final_eval_loss, finetune, save_run
 
 QUANTIZATIONS = ["none", "8bit", "4bit"]
 FAMILIES = ["open-calm", "elyza-llama2"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from jalora.data import IGNORE_INDEX, Record, tokenize_records
-from jalora.modeling import load_tokenizer, resolve_source
+from jalora.data.prompts import Prompter, load_template
+from jalora.data.records import IGNORE_INDEX, Record, tokenize_records
+from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import detect_preset
-from jalora.prompts import Prompter, load_template
 
 TURNS = [
     {"role": "user", "content": "こんにちは。"},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jalora.train import finetune
+from jalora.train.finetune import finetune
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ Every stand-in keeps the real family's architecture class (hence module names su
 BOS/EOS is added on encode, chat template), and the ``tokenizer_class`` the real repository
 declares, so that ``AutoTokenizer.from_pretrained(dir)`` goes through the same transformers
 code path as for the real checkpoint. Tokenizers are trained at call time on the Japanese
-text the project ships (``data/*.jsonl``), with byte-level BPE, byte-fallback BPE / Unigram or
+text the project ships (its instruction samples in ``data/``), with byte-level BPE, byte-fallback BPE / Unigram or
 SentencePiece, so any Unicode text (also characters absent from the training data) encodes.
 
 rinna and transformers 5
@@ -76,6 +76,7 @@ RINNA_SPECIAL_TOKENS = {
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 VOCAB_SIZE = 3000
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 64, 2, 4, 128, 2048
+TOKENIZER_TEXT = ("dolly_ja_heldout.jsonl", "dolly_ja_sample.jsonl", "elyza_tasks_sample.jsonl")
 _MIN_DATA_CHARS = 2000  # below this, data/*.jsonl is topped up with the built-in sentences
 _MAX_CORPUS_CHARS = 100000  # keeps tokenizer training well under a second
 
@@ -236,9 +237,12 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _data_strings(data_dir: Path) -> list[str]:
-    """All string fields of all records in ``data_dir/*.jsonl``; unreadable lines are skipped."""
+    """All string fields of the instruction samples in ``data_dir``; unreadable lines are skipped.
+
+    A fixed list, not every ``*.jsonl``: a new data file must not change the stand-ins' vocabularies
+    (and with them every toy training run)."""
     out: list[str] = []
-    for path in sorted(data_dir.glob("*.jsonl")):
+    for path in (data_dir / name for name in TOKENIZER_TEXT):
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):

@@ -1,0 +1,234 @@
+"""Predict the peak GPU memory of a LoRA/QLoRA run from the model config alone.
+
+No weights are loaded: parameter counts come from the config's shapes, bytes from the
+quantization, activations and logits from the token count of one micro-batch. The figures
+are what torch allocates at the peak (`torch.cuda.max_memory_allocated`); the CUDA context
+comes on top and is listed separately. Assumes sdpa or flash attention (no T² score matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jalora.errors import UserError, friendly_errors
+
+GB = 1024**3
+CUDA_CONTEXT_GB = 0.5  # driver context, cuBLAS workspace: outside torch's allocator
+NF4_BYTES = 0.5 + (1 + 4 / 256) / 64  # 4-bit values + 8-bit absmax per 64 (double quant: fp32 per 256 absmax)
+INT8_BYTES = 1.0
+LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, fp32 grad, AdamW's two fp32 moments
+CE_CHUNK = 1024
+SUPPORTED = ("llama", "mistral", "qwen2", "gpt_neox")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What memory depends on, read from a config."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    linears: dict[str, tuple[int, int, bool]]  # per layer: name -> (in, out, has bias)
+    gated_mlp: bool
+
+
+def shapes(config) -> Shapes:
+    kind = config.model_type
+    if kind not in SUPPORTED:
+        raise UserError(f"jalora estimate knows model types {', '.join(SUPPORTED)}; this config is {kind!r}")
+    d, inter = config.hidden_size, config.intermediate_size
+    if kind == "gpt_neox":
+        linears = {
+            "query_key_value": (d, 3 * d, True),
+            "dense": (d, d, True),
+            "dense_h_to_4h": (d, inter, True),
+            "dense_4h_to_h": (inter, d, True),
+        }
+    else:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or d // heads
+        qkv_bias = kind == "qwen2" or bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        linears = {
+            "q_proj": (d, heads * head_dim, qkv_bias),
+            "k_proj": (d, kv * head_dim, qkv_bias),
+            "v_proj": (d, kv * head_dim, qkv_bias),
+            "o_proj": (heads * head_dim, d, bool(getattr(config, "attention_bias", False))),
+            "gate_proj": (d, inter, mlp_bias),
+            "up_proj": (d, inter, mlp_bias),
+            "down_proj": (inter, d, mlp_bias),
+        }
+    return Shapes(
+        model_type=kind,
+        layers=config.num_hidden_layers,
+        hidden=d,
+        intermediate=inter,
+        vocab=config.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        linears=linears,
+        gated_mlp=kind != "gpt_neox",
+    )
+
+
+def parameter_counts(s: Shapes) -> dict[str, int]:
+    """Parameters in the layers' linear weights (what bitsandbytes quantizes) and all the rest."""
+    linear = s.layers * sum(i * o for i, o, _ in s.linears.values())
+    biases = s.layers * sum(o for _, o, bias in s.linears.values() if bias)
+    norms_per_layer = 4 * s.hidden if s.model_type == "gpt_neox" else 2 * s.hidden  # LayerNorm has a bias
+    final_norm = 2 * s.hidden if s.model_type == "gpt_neox" else s.hidden
+    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
+    return {"linear": linear, "other": biases + s.layers * norms_per_layer + final_norm + embeddings}
+
+
+def lora_parameters(s: Shapes, targets: list[str] | str, r: int) -> int:
+    names = list(s.linears) if targets == "all-linear" else targets
+    unknown = [t for t in names if t not in s.linears]
+    if unknown:
+        raise UserError(
+            f"--lora_target_modules {','.join(unknown)} not in this model; "
+            f"its linear layers are: {', '.join(s.linears)}"
+        )
+    return s.layers * sum(r * (s.linears[t][0] + s.linears[t][1]) for t in names)
+
+
+def activation_bytes_per_token_layer(s: Shapes, dtype_bytes: int) -> float:
+    """Tensors autograd keeps per token in one decoder layer: norm inputs/outputs (norms run in
+    fp32), the attention's q, k, v, output and rotary copies, projection inputs, and the MLP's
+    hidden states (three for a gated MLP: gate, up, their product; two for GELU)."""
+    mlp = (3 if s.gated_mlp else 2) * s.intermediate
+    return dtype_bytes * (10 * s.hidden + mlp) + 4 * 2 * s.hidden
+
+
+def estimate_memory(
+    config,
+    quantization: str = "4bit",
+    cutoff_len: int = 512,
+    micro_batch_size: int = 4,
+    lora_target_modules: list[str] | str = "all-linear",
+    lora_r: int = 8,
+    gradient_checkpointing: bool | None = None,
+    chunked_ce: bool | None = None,
+    dtype_bytes: int = 2,
+    stage: str = "sft",
+) -> dict[str, float]:
+    """Peak bytes by component for one training step, worst case (every example cutoff_len long).
+
+    DPO and ORPO run chosen and rejected replies of each pair in one forward pass: twice the
+    tokens of an SFT micro-batch. DPO's reference pass (adapter off, no gradients) runs before the
+    policy pass and keeps nothing, so it adds no peak; trl's DPO computes log-probs in chunks."""
+    s = shapes(config)
+    counts = parameter_counts(s)
+    checkpointing = quantization != "none" if gradient_checkpointing is None else gradient_checkpointing
+    chunked = s.vocab >= 65536 if chunked_ce is None else chunked_ce
+    chunked = chunked or stage == "dpo"
+    if quantization == "none":
+        weights = (counts["linear"] + counts["other"]) * dtype_bytes
+    else:
+        # peft's prepare_model_for_kbit_training upcasts every non-quantized parameter to fp32
+        per_linear = NF4_BYTES if quantization == "4bit" else INT8_BYTES
+        weights = counts["linear"] * per_linear + counts["other"] * 4
+    lora = lora_parameters(s, lora_target_modules, lora_r) * LORA_BYTES_PER_PARAM
+    tokens = micro_batch_size * cutoff_len * (2 if stage in ("dpo", "orpo") else 1)
+    per_layer = activation_bytes_per_token_layer(s, dtype_bytes) * tokens
+    if checkpointing:  # one input per layer kept, one layer recomputed (with its gradients) at a time
+        activations = s.layers * tokens * s.hidden * dtype_bytes + 2 * per_layer
+    else:
+        activations = s.layers * per_layer
+    logit_rows = min(tokens, CE_CHUNK) if chunked else tokens
+    head_bytes = 4 if quantization != "none" else dtype_bytes  # k-bit preparation leaves the head in fp32
+    logits = logit_rows * s.vocab * (head_bytes + 4 + 4)  # logits, their fp32 copy, fp32 log-softmax / its grad
+    if quantization != "none":  # bitsandbytes dequantizes the largest weight to the compute dtype on the fly
+        largest = max(i * o for i, o, _ in s.linears.values())
+        activations += largest * dtype_bytes
+    return {
+        "parameters": counts["linear"] + counts["other"],
+        "lora_parameters": lora // LORA_BYTES_PER_PARAM,
+        "weights": weights,
+        "lora_and_optimizer": lora,
+        "activations": activations,
+        "logits": logits,
+        "total": weights + lora + activations + logits,
+        "gradient_checkpointing": checkpointing,
+        "chunked_ce": chunked,
+    }
+
+
+def report(estimate: dict, gpu_gb: float) -> str:
+    """The breakdown `jalora estimate` prints, ending in whether it fits."""
+    rows = [
+        ("weights", estimate["weights"]),
+        ("LoRA + optimizer", estimate["lora_and_optimizer"]),
+        ("activations", estimate["activations"]),
+        ("logits / loss", estimate["logits"]),
+    ]
+    lines = [f"{name:<18}{value / GB:7.2f} GB" for name, value in rows]
+    peak = estimate["total"] / GB
+    lines.append(f"{'peak (torch)':<18}{peak:7.2f} GB")
+    needed = peak + CUDA_CONTEXT_GB
+    verdict = "fits" if needed <= gpu_gb else "does NOT fit"
+    lines.append(f"{'+ CUDA context':<18}{CUDA_CONTEXT_GB:7.2f} GB")
+    lines.append(f"{verdict} on a {gpu_gb:g} GB card ({needed:.1f} GB needed, {gpu_gb - needed:+.1f} GB to spare)")
+    return "\n".join(lines)
+
+
+@friendly_errors
+def estimate(
+    base_model: str,
+    quantization: str = "4bit",
+    cutoff_len: int = 512,
+    micro_batch_size: int = 4,
+    lora_target_modules: list[str] | str | None = None,
+    lora_r: int = 8,
+    gpu_gb: float = 24,
+    gradient_checkpointing: bool | None = None,
+    chunked_ce: bool | None = None,
+    bf16: bool = True,
+    preset: str | None = None,
+    trust_remote_code: bool = False,
+    stage: str = "sft",
+) -> dict:
+    """Print the predicted peak GPU memory of `finetune` with these flags, and whether it fits `gpu_gb`.
+
+    --stage dpo / orpo: each pair is two sequences in one forward pass (chosen and rejected).
+
+    Reads only the model config (a local folder, or a hub id: config.json alone is fetched).
+    LoRA targets default to the preset's, as in finetune.
+    """
+    from jalora.data.stages import STAGES
+    from jalora.model.loading import load_config, resolve_preset, resolve_source
+    from jalora.model.preflight import check_quantization
+
+    check_quantization(quantization)
+    if stage not in STAGES:
+        raise UserError(f"unknown --stage {stage!r}; choose one of: {', '.join(STAGES)}")
+    config = load_config(resolve_source(base_model), trust_remote_code)
+    targets = lora_target_modules or list(resolve_preset(preset, base_model, trust_remote_code).target_modules)
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    result = estimate_memory(
+        config,
+        quantization,
+        cutoff_len,
+        micro_batch_size,
+        targets,
+        lora_r,
+        gradient_checkpointing,
+        chunked_ce,
+        dtype_bytes=2 if bf16 else 4,
+        stage=stage,
+    )
+    print(
+        f"{base_model}: {config.model_type}, {result['parameters'] / 1e9:.2f}B parameters, "
+        f"LoRA r={lora_r} on {targets if isinstance(targets, str) else ','.join(targets)} "
+        f"({result['lora_parameters'] / 1e6:.1f}M); {quantization}, micro-batch {micro_batch_size} × {cutoff_len} "
+        f"tokens, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
+        f"chunked CE {'on' if result['chunked_ce'] else 'off'}, stage {stage}"
+    )
+    print(report(result, gpu_gb))
+    return result

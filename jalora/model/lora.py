@@ -1,0 +1,39 @@
+"""The model step of `finetune()`: base model, attention for packing, and a fresh LoRA adapter or
+a saved one trained further (--base_adapter, the SFT → DPO chain)."""
+
+from __future__ import annotations
+
+from transformers import set_seed
+
+from jalora.model.loading import attach_lora, continue_adapter, load_config, load_model, resolve_targets
+from jalora.model.packed_attention import use_packed_attention
+from jalora.model.preflight import check_base_matches
+from jalora.outputs import read_run_record
+
+
+def build_model(source, quantization, dtype, trust_remote_code, tokenizer, lean, base_adapter, *, lora, preset, seed):
+    """The base model with a fresh LoRA adapter, or with --base_adapter's to train further.
+    Returns (model, the adapter's settings for the run record)."""
+    if base_adapter:
+        saved = read_run_record(base_adapter)
+        if saved.get("base_config"):
+            check_base_matches(base_adapter, saved, load_config(source, trust_remote_code))
+    model = load_model(source, quantization, dtype, trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lean["packing"]:
+        use_packed_attention(model)
+    quantized = quantization != "none"
+    if base_adapter:
+        model = continue_adapter(model, base_adapter, quantized, lean["gradient_checkpointing"])
+        config = model.peft_config["default"]
+        lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
+        lora["target_modules"] = sorted(config.target_modules)
+    else:
+        lora = {**lora, "target_modules": resolve_targets(model, lora["target_modules"], preset)}
+        set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter
+        model = attach_lora(
+            model, lora["target_modules"], lora["r"], lora["alpha"], lora["dropout"], quantized,
+            gradient_checkpointing=lean["gradient_checkpointing"],
+        )  # fmt: skip
+    model.print_trainable_parameters()
+    return model, lora

@@ -1,0 +1,1 @@
+"""finetune() and the Trainer pieces it runs with: datasets per stage, losses, checkpoints, progress, run record."""
