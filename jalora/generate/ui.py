@@ -6,6 +6,7 @@ gradio is imported only when the demo starts, so the package and its tests never
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from jalora.errors import UserError, friendly_errors
@@ -125,4 +126,7 @@ def ui(
     generator = Generator.load(
         lora_weights, base_model, preset, prompt_template_name, system_prompt, quantization, trust_remote_code
     )
+    note = generator.settings_note(Sampling(max_new_tokens=128))  # the demo opens greedy, as generate.py does
+    if note:
+        print(note, file=sys.stderr)
     build_demo(gr, generator).queue().launch(server_name=host, server_port=port, share=share)
