@@ -30,12 +30,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the offline tokenizer
 
+from gpu_memory import long_records  # noqa: E402  (bench/ is the script's folder)
 from tiny_models import build_tiny  # noqa: E402
 
 from jalora.evaluate.memory import GB, estimate  # noqa: E402
 from jalora.train.finetune import finetune  # noqa: E402
 
-SAMPLE = REPO / "data" / "dolly_ja_sample.jsonl"
 TINY_SHAPE = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -63,15 +63,6 @@ def random_model_dir(model_config: str, out: Path, tiny: bool) -> Path:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
-
-
-def long_records(path: Path, n: int) -> Path:
-    """Sample records with answers repeated until any cutoff truncates them."""
-    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line][:n]
-    for row in rows:
-        row["output"] = (row["output"] + "\n") * 40
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @contextlib.contextmanager

@@ -63,6 +63,23 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+def baseline_args(out, micro: int, batch: int, lr: float, steps: int, seed: int) -> dict:
+    """The training arguments both baselines share (alpaca-lora's schedule, one epoch, no saves)."""
+    return dict(
+        output_dir=str(out),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_train_epochs=1,
+        learning_rate=lr,
+        warmup_steps=steps // 10,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+    )
+
+
 def build_model_dir(real: bool, out: Path) -> Path:
     """A saved model + tokenizer folder: SmolLM2-135M, or a Llama of ~28M parameters built from config."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -120,17 +137,7 @@ def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: i
 
     steps = math.ceil(len(train_set) / batch)
     args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,
-        num_train_epochs=1,
-        learning_rate=lr,
-        warmup_steps=steps // 10,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
+        **baseline_args(out, micro, batch, lr, steps, seed),
         remove_unused_columns=False,
         disable_tqdm=True,
     )
@@ -166,17 +173,7 @@ def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     steps = math.ceil(len(rows) / batch)
     args = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,
-        num_train_epochs=1,
-        learning_rate=lr,
-        warmup_steps=steps // 10,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
+        **baseline_args(out, micro, batch, lr, steps, seed),
         disable_tqdm=True,
         max_length=cutoff,
         packing=True,
