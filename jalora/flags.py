@@ -20,7 +20,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, make_dataclass
 from functools import cache
 from pathlib import Path
 
@@ -273,10 +273,11 @@ def checked_settings(fn: Callable, values: Mapping[str, object]):
 
 @cache
 def settings_class(fn: Callable) -> type:
+    """A frozen dataclass with the command's flags as fields, typed as its signature types them."""
     import inspect
 
     fn = inspect.unwrap(fn)
-    fields = [(name, object, field(default=None)) for name in flags_of(fn)]
+    fields = [(name, flag.annotation) for name, flag in flags_of(fn).items()]
     name = "".join(part.title() for part in fn.__name__.split("_")) + "Settings"
     return make_dataclass(name, fields, frozen=True, namespace={"as_dict": asdict})
 

@@ -120,6 +120,7 @@ def finetune(
     for 8/4-bit training; `chunked_ce` (default on for vocabularies of 64k+) never builds the
     full logits. Tokenized data is cached (JALORA_CACHE_DIR). Returns the run record.
     --verbose shows the libraries' warnings and log lines (hidden by default).
+    On the command line, --config RECIPE.yaml reads these flags from a file (configs/recipes/).
     """
     quiet_third_party(verbose)
     if preset == "list":
