@@ -1,12 +1,17 @@
 """Training throughput: jalora's defaults against two baselines, in one process: the plain
 alpaca-lora recipe, and trl's SFTTrainer with packing, padding-free batches and completion-only loss.
 
-Same model (a ~28M-parameter Llama built from config with SmolLM2's tokenizer, or SmolLM2-135M
-itself with --real), same records (data/dolly_ja_sample.jsonl), same LoRA, batch sizes, seed
-and step count. Prints real tokens/s of each and their ratio, padding efficiency, peak RSS
-during each run, the final training loss, and both adapters' loss on held-out data.
+Same model (a ~28M-parameter Llama built from config with SmolLM2's tokenizer, SmolLM2-135M
+itself with --real, or any saved model folder with --model_dir, e.g. gemma-3-270m converted from
+its GGUF with --convert_gguf), same records (data/dolly_ja_sample.jsonl, or its --longest ones),
+same LoRA, batch sizes, seed and step count. Prints the whole-process wall time of each (load +
+tokenize + train + save), real tokens/s and their ratio, padding efficiency, peak RSS during each
+run, the final training loss, and the adapters' loss on held-out data.
 
     PYTHONPATH=. python bench/train_throughput.py [--examples 128] [--real]
+    PYTHONPATH=. python bench/train_throughput.py --convert_gguf GGUF --model_dir DIR   # once
+    PYTHONPATH=. python bench/train_throughput.py --model_dir DIR --preset generic --examples 48 --longest \
+        --targets q_proj,v_proj --micro_batch_size 4 --batch_size 16
 """
 
 from __future__ import annotations
@@ -80,6 +85,21 @@ def baseline_args(out, micro: int, batch: int, lr: float, steps: int, seed: int)
     )
 
 
+def save_gguf_as_safetensors(gguf: str, out: Path) -> Path:
+    """De-quantize a GGUF once into a safetensors folder (DESIGN.md §4: a GGUF-loaded model keeps a
+    quantization mark that save_pretrained refuses; jalora's loader drops it)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(gguf)
+    gguf_model = load_model(source)
+    model = AutoModelForCausalLM.from_config(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    model.save_pretrained(out)
+    load_tokenizer(source, get_preset("generic")).save_pretrained(out)
+    return out
+
+
 def build_model_dir(real: bool, out: Path) -> Path:
     """A saved model + tokenizer folder: SmolLM2-135M, or a Llama of ~28M parameters built from config."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -112,19 +132,30 @@ def build_model_dir(real: bool, out: Path) -> Path:
     return out
 
 
-def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+def plain_run(
+    model_dir: Path,
+    train_path: str,
+    out: Path,
+    cutoff: int,
+    micro: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    preset: str,
+    targets: list[str],
+):
     """HF Trainer + peft, per-example tokenization, pad to longest (multiple of 8), random order."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    preset = get_preset("smollm2")
+    preset = get_preset(preset)
     tokenizer = load_tokenizer(resolve_source(str(model_dir)), preset)
     prompter = Prompter(load_template(preset.template), tokenizer, preset)
     train_set = tokenize_per_example(load_records(train_path), prompter, cutoff)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     counter = TokenCounter()
     throughput = ThroughputCallback(counter)  # the same instrument finetune() uses
@@ -145,6 +176,7 @@ def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: i
         model=model, args=args, train_dataset=train_set, data_collator=counting_collator, callbacks=[throughput]
     )
     result = trainer.train()
+    model.save_pretrained(out)
     return model, {
         **_rates(throughput.summary()),
         "padding_efficiency": counter.padding_efficiency,
@@ -152,7 +184,18 @@ def plain_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: i
     }
 
 
-def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+def trl_run(
+    model_dir: Path,
+    train_path: str,
+    out: Path,
+    cutoff: int,
+    micro: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    preset: str,
+    targets: list[str],
+):
     """trl's SFTTrainer as its docs recommend for speed: prompt/completion records, packing (best-fit
     decreasing into rows of cutoff tokens), padding-free batches, loss on completions only."""
     from datasets import Dataset
@@ -160,7 +203,7 @@ def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    preset = get_preset("smollm2")
+    preset = get_preset(preset)
     tokenizer = load_tokenizer(resolve_source(str(model_dir)), preset)
     prompter = Prompter(load_template(preset.template), tokenizer, preset)
     rows = [
@@ -170,7 +213,7 @@ def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
     steps = math.ceil(len(rows) / batch)
     args = SFTConfig(
         **baseline_args(out, micro, batch, lr, steps, seed),
@@ -195,6 +238,7 @@ def trl_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int
     trainer.data_collator = counting_collator
     throughput = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback))
     result = trainer.train()
+    trainer.save_model(str(out))
     return trainer.model, {
         **_rates(throughput.summary()),
         "padding_efficiency": counter.padding_efficiency,
@@ -211,11 +255,22 @@ def _rates(summary: dict) -> dict:
     }
 
 
-def jalora_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: int, batch: int, lr: float, seed: int):
+def jalora_run(
+    model_dir: Path,
+    train_path: str,
+    out: Path,
+    cutoff: int,
+    micro: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    preset: str,
+    targets: list[str],
+):
     """jalora's finetune() with its defaults (packing, cached batched tokenization)."""
     record = finetune(
         base_model=str(model_dir),
-        preset="smollm2",
+        preset=preset,
         data_path=train_path,
         output_dir=str(out),
         batch_size=batch,
@@ -224,7 +279,7 @@ def jalora_run(model_dir: Path, train_path: str, out: Path, cutoff: int, micro: 
         learning_rate=lr,
         cutoff_len=cutoff,
         val_set_size=0,
-        lora_target_modules=TARGETS,
+        lora_target_modules=targets,
         logging_steps=1,
         seed=seed,
     )
@@ -252,57 +307,96 @@ def heldout_loss(model, prompter: Prompter, n: int = 24, cutoff: int = 512) -> f
     return total / count
 
 
+def select_records(examples: int, longest: bool) -> list[str]:
+    """The first `examples` sample records, or the `examples` longest (most characters) in file order."""
+    lines = [line for line in (DATA / "dolly_ja_sample.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    if not longest:
+        return lines[:examples]
+    keep = set(sorted(range(len(lines)), key=lambda i: -len(lines[i]))[:examples])
+    return [line for i, line in enumerate(lines) if i in keep]
+
+
+def timed(run, *args, **kwargs):
+    """The run's results with its whole-process wall time (load + tokenize + train + save) and peak RSS."""
+    start = time.perf_counter()
+    with PeakRSS() as rss:
+        result = run(*args, **kwargs)
+    model, figures = result if isinstance(result, tuple) else (None, result)
+    figures["whole_s"] = time.perf_counter() - start
+    figures["peak_rss_mb"] = rss.mb
+    return model, figures
+
+
 def main(
-    examples: int = 128, real: bool = False, cutoff_len: int = 512, micro_batch_size: int = 4, batch_size: int = 16
+    examples: int = 128,
+    real: bool = False,
+    cutoff_len: int = 512,
+    micro_batch_size: int = 4,
+    batch_size: int = 16,
+    model_dir: str | None = None,
+    preset: str = "smollm2",
+    targets: str | list[str] | None = None,
+    longest: bool = False,
+    convert_gguf: str | None = None,
 ):
-    """Run both recipes on the first `examples` sample records and print the comparison."""
+    """Run the three recipes on the sample records and print the comparison (or, with
+    --convert_gguf, only write the GGUF's model as a safetensors folder to --model_dir)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    if convert_gguf:
+        print(save_gguf_as_safetensors(convert_gguf, Path(model_dir)))
+        return
     work = Path(tempfile.mkdtemp(prefix="jalora-bench-"))
     os.environ.setdefault("JALORA_CACHE_DIR", str(work / "cache"))
-    model_dir = build_model_dir(real, work / "model")
-    records = [line for line in (DATA / "dolly_ja_sample.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    model_path = Path(model_dir) if model_dir else build_model_dir(real, work / "model")
+    records = select_records(examples, longest)
     train_path = work / "train.jsonl"
-    train_path.write_text("\n".join(records[:examples]) + "\n", encoding="utf-8")
+    train_path.write_text("\n".join(records) + "\n", encoding="utf-8")
+    lora_targets = targets.split(",") if isinstance(targets, str) else list(targets or TARGETS)
     common = dict(cutoff=cutoff_len, micro=micro_batch_size, batch=batch_size, lr=3e-4, seed=42)
+    common.update(preset=preset, targets=lora_targets)
     print(f"load average before: {psutil.getloadavg()}, threads: {torch.get_num_threads()}")
 
     warm_path = work / "warm.jsonl"  # one unmeasured step each first: one-time allocations and imports
     warm_path.write_text("\n".join(records[-micro_batch_size:]) + "\n", encoding="utf-8")
     warm = dict(common, batch=micro_batch_size)
-    plain_run(model_dir, str(warm_path), work / "warm-plain", **warm)
-    trl_run(model_dir, str(warm_path), work / "warm-trl", **warm)
-    jalora_run(model_dir, str(warm_path), work / "warm-jalora", **warm)
-    with PeakRSS() as plain_rss:
-        plain_model, plain = plain_run(model_dir, str(train_path), work / "plain", **common)
-    with PeakRSS() as trl_rss:
-        trl_model, trl = trl_run(model_dir, str(train_path), work / "trl", **common)
-    with PeakRSS() as lean_rss:
-        lean = jalora_run(model_dir, str(train_path), work / "jalora", **common)
-    plain["peak_rss_mb"], trl["peak_rss_mb"], lean["peak_rss_mb"] = plain_rss.mb, trl_rss.mb, lean_rss.mb
+    plain_run(model_path, str(warm_path), work / "warm-plain", **warm)
+    trl_run(model_path, str(warm_path), work / "warm-trl", **warm)
+    jalora_run(model_path, str(warm_path), work / "warm-jalora", **warm)
+    plain_model, plain = timed(plain_run, model_path, str(train_path), work / "plain", **common)
+    trl_model, trl = timed(trl_run, model_path, str(train_path), work / "trl", **common)
+    _, lean = timed(jalora_run, model_path, str(train_path), work / "jalora", **common)
+    print(f"load average after training: {psutil.getloadavg()}")
 
-    preset = get_preset("smollm2")
-    prompter = Prompter(load_template(preset.template), load_tokenizer(resolve_source(str(model_dir)), preset), preset)
+    the_preset = get_preset(preset)
+    tokenizer = load_tokenizer(resolve_source(str(model_path)), the_preset)
+    prompter = Prompter(load_template(the_preset.template), tokenizer, the_preset)
     plain["heldout_loss"] = heldout_loss(plain_model, prompter, cutoff=cutoff_len)
     trl["heldout_loss"] = heldout_loss(trl_model, prompter, cutoff=cutoff_len)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_path)
     lean["heldout_loss"] = heldout_loss(
         PeftModel.from_pretrained(base, str(work / "jalora")), prompter, cutoff=cutoff_len
     )
     print(f"load average after: {psutil.getloadavg()}")
 
-    model_name = "SmolLM2-135M" if real else f"Llama-shaped {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M"
+    if model_dir:
+        model_name = f"{model_path.name} ({base.config.model_type})"
+    else:
+        model_name = "SmolLM2-135M" if real else f"Llama-shaped {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M"
     print(
-        f"\n{model_name}, {examples} records, cutoff {cutoff_len}, micro-batch {micro_batch_size}, batch {batch_size}"
+        f"\n{model_name}, {len(records)} records, cutoff {cutoff_len}, micro-batch {micro_batch_size}, "
+        f"batch {batch_size}, LoRA r=8 on {','.join(lora_targets)}"
     )
-    keys = ["real_tokens", "step_s", "tokens_per_s", "tokens_per_cpu_s", "padding_efficiency", "peak_rss_mb"]
-    keys += ["train_loss", "heldout_loss"]
+    keys = ["whole_s", "real_tokens", "step_s", "tokens_per_s", "tokens_per_cpu_s", "padding_efficiency"]
+    keys += ["peak_rss_mb", "train_loss", "heldout_loss"]
     print(f"{'':<20}{'plain':>12}{'trl SFT':>12}{'jalora':>12}{'vs plain':>10}{'vs trl':>10}")
     for k in keys:
         vs_plain = lean[k] / plain[k] if plain[k] else float("nan")
         vs_trl = lean[k] / trl[k] if trl[k] else float("nan")
         print(f"{k:<20}{plain[k]:>12.4g}{trl[k]:>12.4g}{lean[k]:>12.4g}{vs_plain:>10.3f}{vs_trl:>10.3f}")
+    speedups = f"{plain['whole_s'] / lean['whole_s']:.2f}x plain, {trl['whole_s'] / lean['whole_s']:.2f}x trl"
+    print(f"whole-process speed-up: {speedups}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jalora.data.collate import PACKING_EXACT, PackCollator, PadCollator, TokenCounter
+from jalora.data.collate import PackCollator, PadCollator, TokenCounter
 from jalora.data.prompts import Prompter, load_template
 from jalora.data.records import IGNORE_INDEX, SAMPLE_DATA, load_records, tokenize_records
+from jalora.model.architectures import types_with
 from jalora.model.loading import load_model, load_tokenizer, resolve_source
 from jalora.model.packed_attention import PACKED_SDPA, use_packed_attention
 from jalora.presets import get_preset
@@ -24,8 +25,9 @@ def sample_examples(model_dir, family: str, n: int, train_on_inputs: bool) -> li
     return examples
 
 
-def test_packing_exact_list_matches_tested_families():
-    assert set(FAMILIES.values()) == set(PACKING_EXACT)
+def test_packing_exact_types_are_the_tested_ones():
+    """Llama, GPT-NeoX and Qwen2 here; Gemma 2 and 3 (with sliding windows) in tests/test_gemma.py."""
+    assert set(types_with("packing_exact")) == {*FAMILIES.values(), "gemma2", "gemma3_text", "gemma3"}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])

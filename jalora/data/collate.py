@@ -14,10 +14,6 @@ import torch
 
 from jalora.data.records import IGNORE_INDEX
 
-# Model types whose attention builds a block-diagonal causal mask from restarting position ids
-# (transformers' masking_utils), checked in tests/test_packing.py: packing is exact for them.
-PACKING_EXACT = ("llama", "gpt_neox", "qwen2")
-
 
 @dataclass
 class TokenCounter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jalora.errors import UserError, friendly_errors
+from jalora.model.architectures import text_config, tied_embeddings
 
 GB = 1024**3
 CUDA_CONTEXT_GB = 0.5  # driver context, cuBLAS workspace: outside torch's allocator
@@ -18,7 +19,7 @@ NF4_BYTES = 0.5 + (1 + 4 / 256) / 64  # 4-bit values + 8-bit absmax per 64 (doub
 INT8_BYTES = 1.0
 LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, fp32 grad, AdamW's two fp32 moments
 CE_CHUNK = 1024
-SUPPORTED = ("llama", "mistral", "qwen2", "gpt_neox")
+SUPPORTED = ("llama", "mistral", "qwen2", "gpt_neox", "gemma2", "gemma3_text", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,16 @@ class Shapes:
     tied: bool
     linears: dict[str, tuple[int, int, bool]]  # per layer: name -> (in, out, has bias)
     gated_mlp: bool
+    norms_per_layer: int  # norm weights per layer
+    frozen_extra: int = 0  # parameters outside the text tower (a vision tower), loaded but never trained
 
 
 def shapes(config) -> Shapes:
+    """The text tower's shapes; a multimodal checkpoint's (Gemma 3 4B+) vision tower counts as frozen weights."""
     kind = config.model_type
     if kind not in SUPPORTED:
         raise UserError(f"jalora estimate knows model types {', '.join(SUPPORTED)}; this config is {kind!r}")
+    full, config = config, text_config(config)
     d, inter = config.hidden_size, config.intermediate_size
     if kind == "gpt_neox":
         linears = {
@@ -62,26 +67,44 @@ def shapes(config) -> Shapes:
             "up_proj": (d, inter, mlp_bias),
             "down_proj": (inter, d, mlp_bias),
         }
+    if kind == "gpt_neox":  # two LayerNorms with biases
+        norms = 4 * d
+    elif kind.startswith("gemma"):  # four RMSNorms around attention and MLP, Gemma 3 also q_norm and k_norm
+        norms = 4 * d + (2 * head_dim if kind != "gemma2" else 0)
+    else:
+        norms = 2 * d
     return Shapes(
         model_type=kind,
         layers=config.num_hidden_layers,
         hidden=d,
         intermediate=inter,
         vocab=config.vocab_size,
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        tied=tied_embeddings(full),
         linears=linears,
         gated_mlp=kind != "gpt_neox",
+        norms_per_layer=norms,
+        frozen_extra=_vision_parameters(getattr(full, "vision_config", None)),
     )
+
+
+def _vision_parameters(vision) -> int:
+    """A SigLIP tower's parameters: per layer attention (4 d²) and MLP (2 d·inter) weights, plus patch embeddings."""
+    if vision is None:
+        return 0
+    d, inter = vision.hidden_size, vision.intermediate_size
+    patches = (vision.image_size // vision.patch_size) ** 2
+    per_layer = 4 * d * d + 2 * d * inter
+    return vision.num_hidden_layers * per_layer + vision.num_channels * vision.patch_size**2 * d + patches * d
 
 
 def parameter_counts(s: Shapes) -> dict[str, int]:
     """Parameters in the layers' linear weights (what bitsandbytes quantizes) and all the rest."""
     linear = s.layers * sum(i * o for i, o, _ in s.linears.values())
     biases = s.layers * sum(o for _, o, bias in s.linears.values() if bias)
-    norms_per_layer = 4 * s.hidden if s.model_type == "gpt_neox" else 2 * s.hidden  # LayerNorm has a bias
     final_norm = 2 * s.hidden if s.model_type == "gpt_neox" else s.hidden
     embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
-    return {"linear": linear, "other": biases + s.layers * norms_per_layer + final_norm + embeddings}
+    other = biases + s.layers * s.norms_per_layer + final_norm + embeddings + s.frozen_extra
+    return {"linear": linear, "other": other}
 
 
 def lora_parameters(s: Shapes, targets: list[str] | str, r: int) -> int:

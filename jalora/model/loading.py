@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from jalora.data.prompts import chat_template_file
 from jalora.errors import UserError
+from jalora.model.architectures import architecture
 from jalora.model.lora_dropout import use_integer_mask_dropout
 from jalora.model.preflight import check_quantization, check_safe_weights
 from jalora.presets import Preset, detect_preset, get_preset, special_tokens_in
@@ -146,14 +148,28 @@ def repair_special_tokens(tokenizer, preset: Preset) -> None:
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(fallback)
 
 
-def compute_dtype(bf16: bool | None = None, fp16: bool | None = None) -> torch.dtype:
-    """bf16 where the GPU supports it, else fp16 on GPU, else fp32 on the CPU; flags override."""
+def compute_dtype(bf16: bool | None = None, fp16: bool | None = None, config=None) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 on GPU, else fp32 on the CPU; flags override.
+
+    With a `config` whose activations overflow float16 (Gemma: jalora/model/architectures.py),
+    --fp16 is refused and a GPU without bf16 trains in fp32 instead, said in one line."""
     if bf16:
         return torch.bfloat16
+    fp16_safe = config is None or architecture(config).fp16_safe
+    if fp16 and not fp16_safe:
+        raise UserError(
+            f"--fp16: {config.model_type} activations overflow float16 (inf/NaN losses); "
+            "use --bf16 True on a GPU that has it, or leave both flags off for float32"
+        )
     if fp16:
         return torch.float16
     if torch.cuda.is_available() and bf16 is None and fp16 is None:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if not fp16_safe:
+            print(f"note: this GPU has no bfloat16 and {config.model_type} overflows float16: training in float32")
+            return torch.float32
+        return torch.float16
     return torch.float32
 
 
@@ -241,29 +257,39 @@ def keep_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def linear_names(model) -> set[str]:
-    """Short names of the linear layers LoRA can target (the output head excluded)."""
+def linear_names(model, head=None) -> set[str]:
+    """Short names of the linear layers LoRA can target (the output head, or `head`, excluded)."""
     import bitsandbytes as bnb
 
     kinds = (torch.nn.Linear, bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
-    head = model.get_output_embeddings()
+    head = head if head is not None else model.get_output_embeddings()
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds) and m is not head}
 
 
 def resolve_targets(model, requested: list[str] | str | None, preset: Preset) -> list[str] | str:
-    """The LoRA target modules: the user's, else the preset's; `all-linear` passes through."""
+    """The LoRA target modules: the user's, else the preset's; `all-linear` passes through.
+
+    In a multimodal checkpoint (Gemma3ForConditionalGeneration) the vision tower has linears of
+    the same names (q_proj, ...) and peft's `all-linear` would reach it too: there the targets
+    become one regular expression that matches the text tower's modules only."""
     targets = requested or list(preset.target_modules)
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if targets == ["all-linear"]:
+    tower = architecture(model.config).text_tower
+    if targets == ["all-linear"] and tower is None:
         return "all-linear"
-    available = linear_names(model)
+    text_model = model.get_submodule(tower) if tower else model
+    available = linear_names(text_model, head=model.get_output_embeddings())
+    if targets == ["all-linear"]:
+        targets = sorted(available)
     missing = [t for t in targets if t not in available]
     if missing:
         raise UserError(
             f"--lora_target_modules {','.join(missing)} not found in this model; "
             f"its linear layers are: {', '.join(sorted(available))} (or use all-linear)"
         )
+    if tower:
+        return rf"{re.escape(tower)}\..*\.({'|'.join(map(re.escape, targets))})"
     return targets
 
 

@@ -27,7 +27,8 @@ def build_model(source, quantization, dtype, trust_remote_code, tokenizer, lean,
         model = continue_adapter(model, base_adapter, quantized, lean["gradient_checkpointing"])
         config = model.peft_config["default"]
         lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
-        lora["target_modules"] = sorted(config.target_modules)
+        targets = config.target_modules  # a regular expression for a multimodal Gemma 3 (resolve_targets)
+        lora["target_modules"] = targets if isinstance(targets, str) else sorted(targets)
     else:
         lora = {**lora, "target_modules": resolve_targets(model, lora["target_modules"], preset)}
         set_seed(seed)  # LoRA's A matrices are random: the same seed must give the same adapter

@@ -140,7 +140,7 @@ def finetune(
     gradient_accumulation_steps = max(1, batch_size // micro_batch_size // world_size())
     run_info = start_run(settings, len(train_set), gradient_accumulation_steps, resume)
 
-    dtype = compute_dtype(bf16, fp16)
+    dtype = compute_dtype(bf16, fp16, load_config(source, trust_remote_code))
     model, lora = build_model(
         source, quantization, dtype, trust_remote_code, tokenizer, lean, base_adapter,
         lora={"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": lora_target_modules},

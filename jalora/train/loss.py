@@ -4,8 +4,16 @@ The head is applied only to positions whose next token is supervised: prompt tok
 get logits, which saves the head's compute and memory for them (the head of a small model is
 a large share of its FLOPs). For a 128k vocabulary the supervised logits (tokens × vocab,
 upcast to fp32, plus their gradient) are still the largest tensor of a LoRA step, so with a
-chunk size they are built a chunk at a time and recomputed in the backward pass instead of
-being stored: at most one chunk of logits is alive.
+chunk size they are built a chunk at a time: at most one chunk of logits is alive. For a plain
+linear head each chunk's gradient is computed in the forward pass, while its logits are at hand
+(`_FusedHeadLoss`, the "fused linear cross-entropy" of Liger-Kernel and others): the backward pass
+then only scales the stored gradient, so chunking costs no recomputation of the head, which on
+gemma-3-270m is most of the model's FLOPs. Any other head (a peft-wrapped one) is checkpointed per
+chunk and recomputed instead.
+
+Which models may take this path is a fact of their architecture (jalora/model/architectures.py):
+the head must be all there is between the last hidden state and the logits, apart from a final
+soft-cap (Gemma 2), which is applied here exactly as the model's forward applies it.
 """
 
 from __future__ import annotations
@@ -15,25 +23,72 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from jalora.data.records import IGNORE_INDEX
+from jalora.model.architectures import architecture, final_logit_softcap, text_config
 
-# Model types whose logits are exactly `lm_head(last_hidden_state)` (no scaling or soft-capping).
-SUPERVISED_HEAD_MODELS = ("llama", "qwen2", "gpt_neox", "mistral")
 LARGE_VOCAB = 65536
 
 
 def supports_supervised_head(config) -> bool:
-    return config.model_type in SUPERVISED_HEAD_MODELS
+    return architecture(config).supervised_head
 
 
 def wants_chunked_ce(config, requested: bool | None) -> bool:
     """On when asked; by default for supported models with a vocabulary of 64k tokens or more."""
     if requested is None:
-        return supports_supervised_head(config) and config.vocab_size >= LARGE_VOCAB
+        return supports_supervised_head(config) and text_config(config).vocab_size >= LARGE_VOCAB
     return requested and supports_supervised_head(config)
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    logits = head(hidden)
+    if softcap is not None:  # in the head's dtype, in the order the model's forward uses
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `cap(hidden @ weight.T)` with its gradients computed chunk by chunk in
+    the forward pass. torch has no fused linear + cross-entropy; written here because the checkpointed
+    alternative recomputes the head, and only the gradient w.r.t. `hidden` (and `weight` where it
+    trains) is ever needed from each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None):
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, len(targets), chunk_size):
+            piece = slice(start, start + chunk_size)
+            h, t = hidden[piece], targets[piece]
+            logits = F.linear(h, weight)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            logits = logits.float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not want_grads:
+                continue
+            grad = torch.exp(logits - log_norm[:, None])  # d loss / d logits: softmax minus the target
+            grad[torch.arange(len(t)), t] -= 1
+            if softcap is not None:
+                grad *= 1 - capped.float().square()
+            grad = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[piece] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_cross_entropy(
@@ -42,20 +97,25 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Next-token loss of `head(hidden)` against `labels` (unshifted, -100 = ignored), summed
-    over supervised positions and divided by `num_items_in_batch` (else their count): the same
-    number transformers' causal-LM loss gives. `chunk_size` None: one piece, nothing recomputed."""
+    """Next-token loss of `head(hidden)` (soft-capped if `softcap`) against `labels` (unshifted,
+    -100 = ignored), summed over supervised positions and divided by `num_items_in_batch` (else
+    their count): the same number transformers' causal-LM loss gives. `chunk_size` None: one
+    piece, nothing recomputed."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
     if chunk_size is None:
-        return _chunk_loss(head, hidden, targets) / _denominator(num_items_in_batch, keep)
+        return _chunk_loss(head, hidden, targets, softcap) / _denominator(num_items_in_batch, keep)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        total = _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_size, softcap)
+        return total / _denominator(num_items_in_batch, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
         piece = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss, head, hidden[piece], targets[piece], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, head, hidden[piece], targets[piece], softcap, use_reentrant=False)
     return total / _denominator(num_items_in_batch, keep)
 
 
@@ -65,9 +125,13 @@ def _denominator(num_items_in_batch, keep: torch.Tensor):
 
 def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int | None = None) -> torch.Tensor:
     """The model's training loss, with the head applied to supervised positions only (in chunks if given).
-    `model` may be a peft model: its LoRA layers sit inside the decoder and head modules."""
+    `model` may be a peft model: its LoRA layers sit inside the decoder and head modules. The
+    decoder of a multimodal checkpoint (Gemma3ForConditionalGeneration) takes the same inputs,
+    `token_type_ids` included, and returns the text tower's last hidden state."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(base, base.base_model_prefix)
     features = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = decoder(**features).last_hidden_state
-    return chunked_cross_entropy(hidden, base.get_output_embeddings(), inputs["labels"], num_items_in_batch, chunk_size)
+    head = base.get_output_embeddings()
+    cap = final_logit_softcap(base.config)
+    return chunked_cross_entropy(hidden, head, inputs["labels"], num_items_in_batch, chunk_size, cap)

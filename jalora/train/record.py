@@ -8,7 +8,6 @@ from dataclasses import asdict
 from jalora import __version__
 from jalora.data.stages import PREFERENCE_STAGES
 from jalora.evaluate.plots import loss_curves
-from jalora.model.loading import compute_dtype
 from jalora.model.preflight import base_config_summary
 
 DEFAULT_DPO_LOSS = "sigmoid"  # trl's DPOConfig default: the DPO paper's loss
@@ -48,7 +47,7 @@ def run_record(
             **{name: flags[name] for name in hyper},
             "warmup_steps": trainer.args.warmup_steps,
             "seed": flags["seed"],
-            "dtype": str(compute_dtype(flags["bf16"], flags["fp16"])).removeprefix("torch."),
+            "dtype": "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32",
             "attention": model.config._attn_implementation,
             **lean,
             **preference,

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from jalora.data.collate import PACKING_EXACT, PackCollator, PadCollator
+from jalora.data.collate import PackCollator, PadCollator
 from jalora.data.pretrain import DocumentPackCollator
 from jalora.data.stages import PREFERENCE_STAGES
 from jalora.errors import UserError
+from jalora.model.architectures import architecture, types_with
 from jalora.train.checkpoints import CheckpointingTrainer
 from jalora.train.lean_trainer import LeanTrainer
 from jalora.train.loss import supports_supervised_head, wants_chunked_ce
@@ -49,10 +50,11 @@ def lean_settings(
     config, quantization: str, packing: bool | None, gradient_checkpointing: bool | None, chunked_ce: bool | None
 ) -> dict:
     """Resolve the speed/memory flags: None means the default for this model and quantization."""
-    exact = config.model_type in PACKING_EXACT
+    exact = architecture(config).packing_exact
     if packing and not exact:
         raise UserError(
-            f"--packing is exact only for model types {', '.join(PACKING_EXACT)} (this is {config.model_type}); "
+            f"--packing is exact only for model types {', '.join(types_with('packing_exact'))} "
+            f"(this is {config.model_type}); "
             "pass --packing False or --group_by_length True"
         )
     return {
