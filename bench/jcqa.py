@@ -51,6 +51,8 @@ def score_resumably(
     base_model: str | None = None,
     lora_weights: str | None = None,
     prompt_template_name: str | None = None,
+    use_template: bool | None = None,
+    compare_base: bool = True,
     num_fewshot: int = 0,
     fewshot_file: str | None = None,
     start: int = 0,
@@ -59,9 +61,10 @@ def score_resumably(
     batch_size: int = 4,
 ) -> int:
     """Score questions[start:stop] like `jalora evaluate --tasks jcommonsenseqa` (plain prompt for a
-    base model; the run's template, adapter and base, for `lora_weights`), appending rows to
-    output_file every `chunk` questions and skipping q_ids already there. `base_model` and
-    `prompt_template_name` override the run record (a checkpoint folder has none).
+    base model, the template with `--use_template`; for `lora_weights` the run's template, adapter and,
+    unless `--compare_base False`, base), appending rows to output_file every `chunk` questions and
+    skipping q_ids already there. `base_model` and `prompt_template_name` override the run record
+    (a checkpoint folder has none).
 
     Why not evaluate_jcqa itself: on a shared 2-core CPU the whole split takes hours and a killed
     run would lose everything; here a stopped run keeps what it scored, a restart continues, and
@@ -78,15 +81,18 @@ def score_resumably(
     generator = Generator.load(
         lora_weights=lora_weights, base_model=base_model, prompt_template_name=prompt_template_name
     )
-    if lora_weights:
+    if use_template is None:
+        use_template = bool(lora_weights)
+    if use_template:
         contexts = [generator.prompter.render(instruction(q, s)) for q, s in zip(questions, shots)]
     else:
         contexts = [plain_prompt(q, s) for q, s in zip(questions, shots)]
     for at in range(0, len(todo), chunk):
         part = todo[at : at + chunk]
         rows = prediction_rows(
-            generator, [questions[i] for i in part], [contexts[i] for i in part], batch_size, bool(lora_weights)
-        )
+            generator, [questions[i] for i in part], [contexts[i] for i in part], batch_size,
+            bool(lora_weights) and compare_base,
+        )  # fmt: skip
         with out.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r | {"num_fewshot": num_fewshot}, ensure_ascii=False) + "\n" for r in rows))
     return len(todo)
