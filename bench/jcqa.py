@@ -172,20 +172,34 @@ def run(
     return figures
 
 
-def score_files(valid_file: str, *patterns: str) -> dict:
-    """Intervals (and, for rows scored with an adapter and its base, the gain) of prediction files;
-    each pattern is a glob whose files are taken together (the slices of one scoring)."""
+def glob_rows(pattern: str) -> list[dict]:
+    """The rows of every file matching a glob (the slices of one scoring), in file-name order."""
+    rows = [row for path in sorted(Path().glob(pattern)) for row in read_rows(path)]
+    if not rows:
+        raise UserError(f"{pattern}: no prediction files match")
+    return rows
+
+
+def score_files(valid_file: str, *patterns: str, gain_of: str | None = None, over: str | None = None) -> dict:
+    """Intervals and error counts of prediction files (each pattern a glob taken together), and with
+    `--gain_of ADAPTER_GLOB --over BASE_GLOB` the paired gain on the questions both scored."""
     questions = read_questions(valid_file)
     figures = {}
     for name in patterns:
-        rows = [row for path in sorted(Path().glob(name)) for row in read_rows(path)]
-        if not rows:
-            raise UserError(f"{name}: no prediction files match")
+        rows = glob_rows(name)
         if "base_pred" in rows[0]:
             figures[name] = template_figures(rows, questions)
         else:
             figures[name] = {"acc": scored(rows, "pred"), "acc_norm": scored(rows, "pred_norm"),
                              "errors": error_profile(rows, questions, "pred")}  # fmt: skip
+    if gain_of and over:
+        old = {r["q_id"]: r for r in glob_rows(over)}
+        paired = [
+            r | {"base_pred": old[r["q_id"]]["pred"], "base_pred_norm": old[r["q_id"]]["pred_norm"]}
+            for r in glob_rows(gain_of)
+            if r["q_id"] in old
+        ]
+        figures[f"{gain_of} over {over}"] = template_figures(paired, questions)
     print(json.dumps(figures, indent=2))
     return figures
 
