@@ -3,8 +3,7 @@
 The flags are those of jalora.generate.command.main.
 """
 
-from jalora.cli import run_quietly
-from jalora.generate.command import main
+from jalora.cli import run_command
 
 if __name__ == "__main__":
-    run_quietly(main)
+    run_command("generate", program="python generate.py")

@@ -38,6 +38,10 @@ class Preset:
     checks them, so a renamed Llama-2 Swallow is not taken for a Llama-3 one.
     `sentencepiece_files` makes the tokenizer load straight from that SentencePiece file
     instead of through AutoTokenizer (see jalora/model/sentencepiece_tokenizer.py).
+    `system_role` False: the family's chat format has no system turn, so jalora writes the system
+    prompt at the head of the first user message itself (Gemma 2's template raises on one).
+    `chat_template` names a Jinja file in templates/ that the tokenizer is given when it carries no
+    chat template of its own (base checkpoints), so a base adapter speaks the family's chat format.
     """
 
     name: str
@@ -55,6 +59,8 @@ class Preset:
     newline_token: str | None = None
     required_tokens: tuple[str, ...] = ()
     sentencepiece_files: tuple[str, ...] = ()
+    system_role: bool = True
+    chat_template: str | None = None
     generation: dict = field(default_factory=dict)
 
 
@@ -88,6 +94,34 @@ QWEN25 = Preset(
     eos_token="<|im_end|>",
     pad_candidates=("<|endoftext|>",),
     generation=dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05),
+)
+# Gemma 3 and Gemma 2 share the turn format, the special-token names, the BOS rule and the lack of a
+# system role; they differ in ids (<start_of_turn> 105 / 106) and architecture. Base (-pt) checkpoints
+# get Gemma's own turns (templates/gemma_turns.jinja): their vocabulary has the turn tokens, and
+# llama.cpp and Ollama end generation on <end_of_turn>. The base repeats itself at penalty 1.0 (greedy
+# `日本で一番高い山は` gives the same sentence over and over), so the defaults sample like Google's
+# -it generation_config (top_k 64, top_p 0.95) at a calmer temperature, with a penalty of 1.15.
+GEMMA3 = Preset(
+    name="gemma3",
+    examples=(
+        "gemma3-270m (embedded google/gemma-3-270m)",
+        "google/gemma-3-1b-it",
+        "google/gemma-3-4b-pt",
+        "google/gemma-3-270m",
+    ),
+    architecture="gemma3",
+    id_patterns=("gemma-3-", "gemma3"),
+    target_modules=LLAMA_LINEARS,
+    template="chat",
+    context_length=32768,  # 270m and 1b; 4b and larger read 128k
+    add_bos=True,  # the chat template writes <bos>; encode adds it only where a prompt lacks it
+    config_signatures=(("gemma3_text", None), ("gemma3", None)),
+    eos_token="<end_of_turn>",
+    pad_candidates=("<pad>",),
+    required_tokens=("<start_of_turn>", "<end_of_turn>"),
+    system_role=False,
+    chat_template="gemma_turns.jinja",
+    generation=dict(temperature=0.7, top_p=0.95, top_k=64, repetition_penalty=1.15),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -261,6 +295,16 @@ PRESETS: dict[str, Preset] = {
             eos_token="<|im_end|>",
             pad_candidates=("<|endoftext|>",),
             generation=dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1),
+        ),
+        GEMMA3,
+        replace(
+            GEMMA3,
+            name="gemma2",
+            examples=("google/gemma-2-2b-jpn-it", "google/gemma-2-2b-it", "google/gemma-2-9b"),
+            architecture="gemma2",
+            id_patterns=("gemma-2-", "gemma2"),
+            context_length=8192,
+            config_signatures=(("gemma2", None),),
         ),
         Preset(
             name="generic",

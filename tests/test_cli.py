@@ -59,12 +59,12 @@ def test_toy_task_trained_by_finetune_is_reproduced_by_generate(tiny_model_dir, 
 
 
 def test_generate_answers_a_batch_file(tiny_model_dir, tmp_path):
-    """--input_file/--output_file keeps every field and adds `response`; works on the base model alone."""
+    """--data_path/--output_file keeps every field and adds `response`; works on the base model alone."""
     records = toy_records(3)
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     done = run(
-        "generate.py", f"--base_model={tiny_model_dir('open-calm')}", f"--input_file={src}",
+        "generate.py", f"--base_model={tiny_model_dir('open-calm')}", f"--data_path={src}",
         f"--output_file={tmp_path / 'out.jsonl'}", "--max_new_tokens=5", "--batch_size=2",
         cwd=tmp_path,
     )  # fmt: skip

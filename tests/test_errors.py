@@ -105,7 +105,7 @@ def test_bad_data_file_is_named_before_any_model_is_loaded(case, tmp_path, capsy
 FLAG_CASES = {
     "unknown preset": ({"preset": "gpt5"}, r"unknown preset 'gpt5'; choose one of: open-calm, rinna"),
     "unknown template": ({"prompt_template_name": "nope"}, r"unknown template 'nope'; choose one of: .*alpaca_ja"),
-    "unknown quantization": ({"quantization": "3bit"}, r"unknown quantization '3bit'; choose one of: none, 8bit, 4bit"),
+    "unknown quantization": ({"quantization": "3bit"}, r"unknown --quantization '3bit'; choose one of: none, 8bit"),
     "unknown data format": ({"data_format": "sharegpt"}, r"unknown data format 'sharegpt'; choose one of: dolly"),
     "micro batch > batch": (
         {"batch_size": 4, "micro_batch_size": 8},

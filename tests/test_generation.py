@@ -1,5 +1,5 @@
 """Generation on tiny stand-ins: plain-generate equivalence, batching, penalties, stops, streaming,
-faster decoding, batch files that resume, --compare and the chat loop driven through stdin."""
+faster decoding, batch files that resume, --compare_base and the chat loop driven through stdin."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_compare_gives_the_base_model_answer_beside_the_adapter_one(tiny_model_d
     assert [r["response_base"] for r in rows] == base.answer(PROMPTS, sampling)
     assert [r["response"] for r in rows] == adapted.answer(PROMPTS, sampling)
     assert [r["response"] for r in rows] != [r["response_base"] for r in rows]
-    with pytest.raises(UserError, match="--compare needs --lora_weights"):
+    with pytest.raises(UserError, match="--compare_base needs --lora_weights"):
         with base.adapter_disabled():
             pass
 

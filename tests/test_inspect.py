@@ -39,7 +39,7 @@ def test_inspect_writes_the_training_ids_of_a_tokenizer_only_folder(
     data.write_text("".join(SAMPLE_DATA.read_text(encoding="utf-8").splitlines(keepends=True)[:RECORDS]), "utf-8")
     out = tmp_path / "inspect.jsonl"
     assert COMMANDS["inspect"] is inspect
-    inspect(base_model=str(folder), data_path=str(data), output_path=str(out), preset=preset_name, cutoff_len=256)
+    inspect(base_model=str(folder), data_path=str(data), output_file=str(out), preset=preset_name, cutoff_len=256)
 
     preset = get_preset(preset_name)
     prompter = Prompter(load_template(preset.template), load_tokenizer(resolve_source(str(folder)), preset), preset)
@@ -66,7 +66,7 @@ def test_inspect_writes_the_training_ids_of_a_tokenizer_only_folder(
 def test_inspect_without_preset_on_a_tokenizer_only_folder_says_to_pass_one(tiny_model_dir, tmp_path):
     folder = tokenizer_only(tiny_model_dir("qwen2.5"), tmp_path / "tokenizer-only")
     with pytest.raises(SystemExit):
-        inspect(base_model=str(folder), output_path=str(tmp_path / "x.jsonl"))
+        inspect(base_model=str(folder), output_file=str(tmp_path / "x.jsonl"))
     with pytest.raises(UserError, match="pass --preset NAME"):
-        inspect.__wrapped__(base_model=str(folder), output_path=str(tmp_path / "x.jsonl"))
+        inspect.__wrapped__(base_model=str(folder), output_file=str(tmp_path / "x.jsonl"))
     assert not (tmp_path / "x.jsonl").exists()

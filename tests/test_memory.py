@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fire
 import pytest
 
-from jalora.cli import COMMANDS
+from jalora.cli import main
 from jalora.evaluate.memory import NF4_BYTES, estimate_memory, lora_parameters, parameter_counts, shapes
 from jalora.model.loading import attach_lora, load_config, load_model, resolve_source
 
@@ -57,7 +56,7 @@ def test_memory_levers_shrink_the_estimate():
 
 
 def estimate_cli(*args: str) -> None:
-    fire.Fire(COMMANDS, command=["estimate", *args], serialize=lambda _: None)
+    main(["estimate", *args])
 
 
 def test_estimate_cli_prints_breakdown_and_verdict(capsys):

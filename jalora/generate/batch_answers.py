@@ -1,4 +1,4 @@
-"""`--input_file` / `--output_file`: answer every record of a file, resumably.
+"""`--data_path` / `--output_file`: answer every record of a file, resumably.
 
 Answers are appended batch by batch and flushed, in input order, so an interrupted run
 leaves a valid prefix of the output; re-running the same command checks that prefix
@@ -74,7 +74,7 @@ def answer_file(
     report: bool = False,
     compare: bool = False,
 ) -> None:
-    """Add `response` (and `response_base` with --compare, `repetition` with --report) to each record."""
+    """Add `response` (and `response_base` with --compare_base, `repetition` with --report) to each record."""
     rows = read_requests(input_file)
     out_path = Path(output_file)
     done = answered_count(out_path, rows)

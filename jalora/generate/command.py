@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from jalora.errors import UserError, friendly_errors
+from jalora.flags import checked_settings
 from jalora.generate.batch_answers import answer_file
 from jalora.generate.chat import chat_loop
 from jalora.generate.generator import Generator, Sampling, show_answer
@@ -27,13 +28,13 @@ def main(
     input: str = "",
     lora_weights: str | None = None,
     base_model: str | None = None,
-    input_file: str | None = None,
+    data_path: str | None = None,
     output_file: str | None = None,
     batch_size: int = 8,
     interactive: bool = False,
     stream: bool = False,
     report: bool = False,
-    compare: bool = False,
+    compare_base: bool = False,
     preset: str | None = None,
     prompt_template_name: str | None = None,
     system_prompt: str | None = None,
@@ -57,19 +58,18 @@ def main(
     device_map: str | None = None,
     verbose: bool = False,
 ) -> None:
-    """Answer one instruction (--prompt, optional --input), every record of --input_file, or chat (--interactive).
+    """Answer one instruction (--prompt, optional --input), every record of --data_path, or chat (--interactive).
 
     Decoding is greedy unless --do_sample True or --temperature > 0; --top_p/--top_k
     without sampling are an error rather than silently ignored. repetition_penalty defaults
     to the preset's recommendation. See docs/generation.md for every flag.
     """
     quiet_third_party(verbose)
-    if sum((prompt is not None, input_file is not None, bool(interactive))) != 1:
-        raise UserError("give one of --prompt, --input_file (with --output_file) or --interactive")
-    if input_file and not output_file:
-        raise UserError("--input_file needs --output_file")
-    if batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    checked_settings(main, locals())  # for Python callers: the checks the command line already made
+    if sum((prompt is not None, data_path is not None, bool(interactive))) != 1:
+        raise UserError("give one of --prompt, --data_path (with --output_file) or --interactive")
+    if data_path and not output_file:
+        raise UserError("--data_path needs --output_file")
     sampling = Sampling(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -86,12 +86,12 @@ def main(
         stop=stop,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens,
     )
-    if interactive and compare:
-        raise UserError("--compare works with --prompt or --input_file, not --interactive")
-    if input_file and stream:
+    if interactive and compare_base:
+        raise UserError("--compare_base works with --prompt or --data_path, not --interactive")
+    if data_path and stream:
         raise UserError("--stream prints one answer as it grows; batch files show a progress bar instead")
-    if compare and not lora_weights:
-        raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
+    if compare_base and not lora_weights:
+        raise UserError("--compare_base needs --lora_weights (an adapter to compare the base model with)")
     generator = Generator.load(
         lora_weights,
         base_model,
@@ -111,11 +111,11 @@ def main(
         print(f"[report] decoding: {generator.settings_report(sampling)}", file=sys.stderr, flush=True)
     if interactive:
         chat_loop(generator, sampling, stream=num_beams == 1, report=report)
-    elif input_file:
-        answer_file(generator, input_file, output_file, sampling, batch_size, report=report, compare=compare)
+    elif data_path:
+        answer_file(generator, data_path, output_file, sampling, batch_size, report=report, compare=compare_base)
     else:
         prompt_text = generator.prompter.render(str(prompt), str(input))
-        if compare:
+        if compare_base:
             _compare(generator, prompt_text, sampling, stream, report)
         else:
             show_answer(generator, prompt_text, sampling, stream, report)

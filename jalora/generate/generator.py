@@ -241,9 +241,9 @@ class Generator:
 
     @contextmanager
     def adapter_disabled(self):
-        """The base model's own answers (for --compare): the LoRA layers switched off for a while."""
+        """The base model's own answers (for --compare_base): the LoRA layers switched off for a while."""
         if not hasattr(self.model, "disable_adapter"):
-            raise UserError("--compare needs --lora_weights (an adapter to compare the base model with)")
+            raise UserError("--compare_base needs --lora_weights (an adapter to compare the base model with)")
         with self.model.disable_adapter():
             yield
 

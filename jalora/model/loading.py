@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from jalora.data.prompts import chat_template_file
 from jalora.errors import UserError
 from jalora.model.lora_dropout import use_integer_mask_dropout
 from jalora.model.preflight import check_quantization, check_safe_weights
@@ -117,12 +118,17 @@ def load_tokenizer(source: ModelSource, preset: Preset, trust_remote_code: bool 
 
 
 def repair_special_tokens(tokenizer, preset: Preset) -> None:
-    """Make eos the token that really ends an answer, and pad a token that is never eos.
+    """Make eos the token that really ends an answer, pad a token that is never eos, and give a
+    tokenizer without a chat template the family's own (preset.chat_template).
 
     Padding is masked by position, so the pad id's value does not matter for the loss,
     but a pad equal to eos makes collators and users mask eos and the model never stops.
     We never add tokens (that would resize the embeddings and tie the adapter to them).
+    The chat template is set on the tokenizer, not kept aside, so the tokenizer saved with the
+    adapter carries it and generate, export and other tools all read the same one.
     """
+    if preset.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template_file(preset.chat_template)
     vocab = tokenizer.get_vocab()
     if preset.eos_token and preset.eos_token in vocab:
         tokenizer.eos_token = preset.eos_token

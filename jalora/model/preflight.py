@@ -11,34 +11,6 @@ from pathlib import Path
 
 from jalora.errors import UserError
 
-# flag -> (accepted types, smallest allowed value, what to tell the user)
-NUMBER_FLAGS: dict[str, tuple[tuple[type, ...], float, str]] = {
-    "batch_size": ((int,), 1, "a whole number ≥ 1"),
-    "micro_batch_size": ((int,), 1, "a whole number ≥ 1"),
-    "cutoff_len": ((int,), 2, "a whole number ≥ 2"),
-    "lora_r": ((int,), 1, "a whole number ≥ 1"),
-    "save_steps": ((int,), 1, "a whole number ≥ 1"),
-    "eval_steps": ((int,), 1, "a whole number ≥ 1"),
-    "logging_steps": ((int,), 1, "a whole number ≥ 1"),
-    "warmup_steps": ((int,), 0, "a whole number ≥ 0"),
-    "seed": ((int,), 0, "a whole number ≥ 0"),
-    "max_steps": ((int,), -1, "-1 (use --num_epochs) or a whole number ≥ 1"),
-    "num_epochs": ((int, float), 1e-9, "a number > 0"),
-    "learning_rate": ((int, float), 1e-12, "a number > 0"),
-    "lora_alpha": ((int, float), 1e-9, "a number > 0"),
-    "lora_dropout": ((int, float), 0, "a number in [0, 1)"),
-    "val_set_size": ((int, float), 0, "a count, or a fraction below 1, ≥ 0"),
-}
-BOOL_FLAGS = (
-    "train_on_inputs",
-    "add_eos_token",
-    "group_by_length",
-    "bf16",
-    "fp16",
-    "trust_remote_code",
-    "eval_before_training",
-    "overwrite_output_dir",
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -49,19 +21,8 @@ def check_quantization(quantization: str) -> None:
 
 
 def check_training_flags(flags: dict) -> None:
-    """Types and ranges of finetune's flags (fire passes `--batch_size=abc` through as a string)."""
-    for name, (types, lowest, expected) in NUMBER_FLAGS.items():
-        value = flags[name]
-        if isinstance(value, bool) or not isinstance(value, types) or value < lowest:
-            raise UserError(f"--{name} must be {expected}, got {value!r}")
-    if flags["max_steps"] == 0:
-        raise UserError("--max_steps must be -1 (use --num_epochs) or a whole number ≥ 1, got 0")
-    if flags["lora_dropout"] >= 1:
-        raise UserError(f"--lora_dropout must be a number in [0, 1), got {flags['lora_dropout']!r}")
-    for name in BOOL_FLAGS:
-        if flags[name] is not None and not isinstance(flags[name], bool):
-            raise UserError(f"--{name} must be True or False, got {flags[name]!r}")
-    check_quantization(flags["quantization"])
+    """finetune flags that contradict each other or the machine (each flag alone is checked by
+    jalora/flags.py)."""
     if flags["micro_batch_size"] > flags["batch_size"]:
         raise UserError(
             f"--micro_batch_size {flags['micro_batch_size']} is larger than --batch_size {flags['batch_size']}; "

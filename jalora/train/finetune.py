@@ -18,6 +18,7 @@ from jalora.data.stages import PREFERENCE_STAGES, check_data_fits_stage
 from jalora.errors import UserError, friendly_errors
 from jalora.evaluate.card import write_model_card
 from jalora.evaluate.plots import LOSS_PLOT, save_loss_plot
+from jalora.flags import checked_settings
 from jalora.model.loading import (
     DEFAULT_BASE_MODEL,
     compute_dtype,
@@ -119,12 +120,14 @@ def finetune(
     for 8/4-bit training; `chunked_ce` (default on for vocabularies of 64k+) never builds the
     full logits. Tokenized data is cached (JALORA_CACHE_DIR). Returns the run record.
     --verbose shows the libraries' warnings and log lines (hidden by default).
+    On the command line, --config RECIPE.yaml reads these flags from a file (configs/recipes/).
     """
     quiet_third_party(verbose)
     if preset == "list":
         print(presets_table())
         return {}
-    flags = dict(locals())
+    settings = checked_settings(finetune, locals())  # every flag typed and in range, frozen
+    flags = settings.as_dict()
     check_training_flags(flags)
     check_stage_flags(stage, packing, loss_type, base_adapter, lora_target_modules)
     resume = prepare_output_dir(output_dir, resume_from_checkpoint, overwrite_output_dir)
@@ -133,9 +136,9 @@ def finetune(
     source = resolve_source(base_model)
 
     # data first: every record is validated before any weights are loaded
-    tokenizer, prompter, lean, (train_set, val_set, stats) = prepare_data(flags, the_preset, template, source)
+    tokenizer, prompter, lean, (train_set, val_set, stats) = prepare_data(settings, the_preset, template, source)
     gradient_accumulation_steps = max(1, batch_size // micro_batch_size // world_size())
-    run_info = start_run(flags, len(train_set), gradient_accumulation_steps, resume)
+    run_info = start_run(settings, len(train_set), gradient_accumulation_steps, resume)
 
     dtype = compute_dtype(bf16, fp16)
     model, lora = build_model(
@@ -150,13 +153,14 @@ def finetune(
         gradient_accumulation_steps=gradient_accumulation_steps,
         dtype=dtype,
         report_to="wandb" if wandb_project else report_to,
-        **{name: flags[name] for name in TRAINER_FLAGS},
+        **{name: getattr(settings, name) for name in TRAINER_FLAGS},
     )  # fmt: skip
     if wandb_project:
         os.environ["WANDB_PROJECT"] = wandb_project
     metrics = train_and_evaluate(trainer, stage, eval_before_training, resume)
 
     record = run_record(flags, the_preset, prompter, model, trainer, lean, lora, train_set, val_set, stats, metrics)
+    record["flags"] = flags  # the resolved flags: `finetune.py --config OUT/jalora.json` repeats the run
     if trainer.is_world_process_zero():
         if stage in PREFERENCE_STAGES:
             from jalora.train.preference import drop_reference_adapter
@@ -166,42 +170,42 @@ def finetune(
     return record
 
 
-def prepare_data(flags: dict, preset, template, source) -> tuple:
+def prepare_data(settings, preset, template, source) -> tuple:
     """Read and check every record, then tokenize it as the stage trains on it (before any weights load)."""
-    stage, data_path, cutoff_len = flags["stage"], flags["data_path"], flags["cutoff_len"]
+    stage, data_path, cutoff_len = settings.stage, settings.data_path, settings.cutoff_len
     check_data_fits_stage(data_path, stage)
     train_records, val_records = read_data(
-        stage, data_path, flags["val_data_path"], flags["val_set_size"], flags["seed"], flags["data_format"]
+        stage, data_path, settings.val_data_path, settings.val_set_size, settings.seed, settings.data_format
     )
-    config = load_config(source, flags["trust_remote_code"])
+    config = load_config(source, settings.trust_remote_code)
     lean = lean_settings(
-        config, flags["quantization"], flags["packing"], flags["gradient_checkpointing"], flags["chunked_ce"]
+        config, settings.quantization, settings.packing, settings.gradient_checkpointing, settings.chunked_ce
     )
     lean["packing"] = lean["packing"] and stage not in PREFERENCE_STAGES  # trl's preference collators pad
-    tokenizer = load_tokenizer(source, preset, flags["trust_remote_code"])
-    prompter = Prompter(template, tokenizer, preset, flags["system_prompt"])
+    tokenizer = load_tokenizer(source, preset, settings.trust_remote_code)
+    prompter = Prompter(template, tokenizer, preset, settings.system_prompt)
     sets = tokenize_data(
         stage, train_records, val_records, prompter, cutoff_len,
-        flags["train_on_inputs"], flags["add_eos_token"], lean["packing"],
+        settings.train_on_inputs, settings.add_eos_token, lean["packing"],
     )  # fmt: skip
     if not sets[0]:
         raise UserError(f"{data_path}: every record is longer than --cutoff_len {cutoff_len} in its prompt alone")
     return tokenizer, prompter, lean, sets
 
 
-def start_run(flags: dict, train_examples: int, gradient_accumulation_steps: int, resume) -> dict:
+def start_run(settings, train_examples: int, gradient_accumulation_steps: int, resume) -> dict:
     """What a resumed run must match (data, batch shape, seed); --overwrite_output_dir clears a finished run."""
     run_info = {
-        "data_fingerprint": fingerprint(flags["data_path"]),
+        "data_fingerprint": fingerprint(settings.data_path),
         "train_examples": train_examples,
-        "micro_batch_size": flags["micro_batch_size"],
+        "micro_batch_size": settings.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "seed": flags["seed"],
+        "seed": settings.seed,
     }
     if resume:
         check_resume_matches(resume, run_info)
-    elif flags["overwrite_output_dir"]:
-        clear_previous_run(flags["output_dir"])
+    elif settings.overwrite_output_dir:
+        clear_previous_run(settings.output_dir)
     return run_info
 
 

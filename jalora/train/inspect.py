@@ -15,6 +15,7 @@ from pathlib import Path
 from jalora.data.prompts import Prompter, load_template
 from jalora.data.records import IGNORE_INDEX, SAMPLE_DATA, Record, load_records, tokenize_records
 from jalora.errors import UserError, friendly_errors
+from jalora.flags import checked_settings
 from jalora.model.loading import DEFAULT_BASE_MODEL, load_tokenizer, resolve_preset, resolve_source
 from jalora.outputs import write_atomic
 from jalora.quiet import quiet_third_party
@@ -90,7 +91,7 @@ def show(row: dict, pieces: list[tuple[str, bool]], tokenizer, colour: bool) -> 
 def inspect(
     base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = str(SAMPLE_DATA),
-    output_path: str = "inspect.jsonl",
+    output_file: str = "inspect.jsonl",
     cutoff_len: int = 512,
     train_on_inputs: bool = False,
     add_eos_token: bool = True,
@@ -102,11 +103,12 @@ def inspect(
     show_examples: int = 3,
     verbose: bool = False,
 ) -> str:
-    """Write the training ids of every kept record of data_path to output_path (JSON lines) and
+    """Write the training ids of every kept record of data_path to output_file (JSON lines) and
     show the first show_examples on the terminal, supervised text marked. The flags mean what they
     mean for finetune; with --preset, base_model may be a folder holding only tokenizer files.
-    Returns output_path. --verbose shows the libraries' warnings and log lines."""
+    Returns output_file. --verbose shows the libraries' warnings and log lines."""
     quiet_third_party(verbose)
+    checked_settings(inspect, locals())  # for Python callers: the checks the command line already made
     try:
         the_preset = resolve_preset(preset, base_model, trust_remote_code)
     except UserError as err:
@@ -128,7 +130,7 @@ def inspect(
             if len(rows) < show_examples:
                 show(row, pieces, tokenizer, colour)
             rows.append(row)
-    out = Path(output_path)
+    out = Path(output_file)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
     print(
         f"preset {the_preset.name}, template {template.name}: {len(rows)} examples written to {out}"
