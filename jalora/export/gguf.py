@@ -3,15 +3,16 @@ Ollama and LM Studio, with the training prompt as its chat template and an Ollam
 
 The adapter is merged into the 16-bit base, never into a 4-bit one (re-rounding to 4 bits can erase
 a weak adapter), also when the run trained in 4-bit. Tensors are renamed with gguf's own name maps
-and written with its writer; the two layout changes llama.cpp's kernels need (rotary rows of Llama
-q/k, the fused GPT-NeoX qkv) are done here because transformers' layout is what we hold.
+and written with its writer; the layout changes llama.cpp's kernels need (rotary rows of Llama q/k,
+the fused GPT-NeoX qkv, Gemma's RMSNorm weights stored as 1 + w) are done here because
+transformers' layout is what we hold.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,30 @@ class Architecture:
     gguf_arch: str
     rope_rows_interleaved: bool = False  # Llama: llama.cpp rotates adjacent pairs, HF rotates halves
     fused_qkv_per_head: bool = False  # GPT-NeoX: HF interleaves q,k,v per head; llama.cpp wants q|k|v
+    norms_plus_one: bool = False  # Gemma: HF's RMSNorm computes x * (1 + w); llama.cpp multiplies by w
+    # Gemma: the period of sliding-window layers llama.cpp assumes when the GGUF names no pattern, and
+    # the depth of the "27B" size whose attention llama.cpp scales by hidden/heads instead of head_dim
+    sliding_period: int | None = None
+    scale_by_hidden_at_depth: int | None = None
+    space_prefix: bool = True  # Gemma's SentencePiece adds no dummy "▁" before the text
+    trim_padded_vocab: bool = False  # Gemma 3 (4B+) pads its embedding past the vocabulary
 
 
+GEMMA = {"norms_plus_one": True, "space_prefix": False, "trim_padded_vocab": True}
 ARCHITECTURES = {
     "llama": Architecture("LLAMA", rope_rows_interleaved=True),
     "qwen2": Architecture("QWEN2"),
     "gpt_neox": Architecture("GPTNEOX", fused_qkv_per_head=True),
+    "gemma3_text": Architecture("GEMMA3", sliding_period=6, scale_by_hidden_at_depth=62, **GEMMA),
+    "gemma2": Architecture("GEMMA2", sliding_period=2, scale_by_hidden_at_depth=46, **GEMMA),
 }
 UNSUPPORTED_PRESETS = {
     "rinna": "llama.cpp's SentencePiece tokenizer applies neither rinna's NFKC normalisation nor its <NL> "
     "newlines, so the GGUF would read other tokens than training did; use `jalora merge` and a transformers server",
+}
+UNSUPPORTED_MODEL_TYPES = {
+    "gemma3": "this Gemma 3 checkpoint has a vision tower (Gemma3ForConditionalGeneration); exporting its text "
+    "tower is not supported yet: use `jalora merge` and a transformers server",
 }
 
 
@@ -76,6 +91,8 @@ def to_llama_cpp_layout(name: str, weight: torch.Tensor, arch: Architecture, con
         return interleave_rope_rows(weight, config.num_key_value_heads)
     if arch.fused_qkv_per_head and ".query_key_value." in name:
         return split_fused_qkv(weight, config.num_attention_heads)
+    if arch.norms_plus_one and name.endswith("norm.weight"):  # LoRA never adapts a norm: adapters keep theirs
+        return weight + 1
     return weight
 
 
@@ -100,10 +117,16 @@ def gguf_name(name_map, hf_name: str) -> str:
     return found
 
 
-def write_hyperparameters(writer, config) -> None:
-    """The architecture keys llama.cpp reads for Llama, Qwen2 and GPT-NeoX."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def rope_of(config, layer_type: str = "full_attention") -> dict:
+    """The rope parameters of one kind of layer (Gemma 3 keeps one set per layer type, others one)."""
     rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    return rope.get(layer_type, rope)
+
+
+def write_hyperparameters(writer, config, arch: Architecture, n_tokens: int) -> None:
+    """The architecture keys llama.cpp reads for Llama, Qwen2, GPT-NeoX, Gemma 3 and Gemma 2."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = rope_of(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -111,7 +134,7 @@ def write_hyperparameters(writer, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_vocab_size(config.vocab_size)
+    writer.add_vocab_size(min(config.vocab_size, n_tokens))
     rope_type = rope.get("rope_type", "default")
     if rope_type == "linear":
         import gguf
@@ -126,7 +149,46 @@ def write_hyperparameters(writer, config) -> None:
         writer.add_layer_norm_eps(config.layer_norm_eps)
     else:
         writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)  # Gemma's head_dim is not hidden / heads
+        writer.add_value_length(head_dim)
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch.sliding_period:
+        write_gemma_attention(writer, config, arch)
+
+
+def sliding_layers(config) -> list[bool]:
+    return [kind == "sliding_attention" for kind in getattr(config, "layer_types", None) or []]
+
+
+def write_gemma_attention(writer, config, arch: Architecture) -> None:
+    """Sliding windows (size, which layers, their own rope base) and soft-caps; llama.cpp fixes the
+    attention scale itself, so a config whose query_pre_attn_scalar it would not use is refused."""
+    head_dim, n_layers = config.head_dim, config.num_hidden_layers
+    llama_cpp_scalar = config.hidden_size / config.num_attention_heads
+    if n_layers != arch.scale_by_hidden_at_depth:
+        llama_cpp_scalar = head_dim
+    if config.query_pre_attn_scalar != llama_cpp_scalar:
+        raise UserError(
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar} in the config: llama.cpp scales this model's "
+            f"attention by 1/sqrt({llama_cpp_scalar:g}) and cannot be told otherwise; export is refused"
+        )
+    sliding = sliding_layers(config)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if arch.gguf_arch == "GEMMA2" and not (any(sliding) and softcap):
+        raise UserError(
+            "llama.cpp runs every Gemma 2 with sliding windows and attention soft-capping; "
+            "this config lacks one of them, so its GGUF would compute other logits"
+        )
+    if any(sliding):
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_freq_base_swa(float(rope_of(config, "sliding_attention")["rope_theta"]))
+        period = arch.sliding_period
+        if sliding != [i % period < period - 1 for i in range(n_layers)]:  # not the layout llama.cpp assumes
+            writer.add_sliding_window_pattern(sliding)
+    if softcap:
+        writer.add_attn_logit_softcapping(float(softcap))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def write_tokenizer(writer, tokenizer, prompter: Prompter, vocab, chat_template: str) -> None:
@@ -134,6 +196,8 @@ def write_tokenizer(writer, tokenizer, prompter: Prompter, vocab, chat_template:
     vocab.add_to(writer)
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     ids["unk"] = tokenizer.unk_token_id
+    if tokenizer.eos_token == prompter.preset.eos_token:  # eos is the family's end of turn, as eot for llama.cpp
+        ids["eot"] = tokenizer.eos_token_id
     for kind, token_id in ids.items():
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
@@ -174,13 +238,16 @@ def model_writer(path, gguf, model, arch: Architecture, outtype: str, name: str,
     writer = new_writer(path, gguf, arch, gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if outtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
-    write_hyperparameters(writer, config)
+    n_tokens = len(tokenizer_parts[2].tokens)
+    write_hyperparameters(writer, config, arch, n_tokens)
     write_tokenizer(writer, *tokenizer_parts)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, weight in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        if arch.trim_padded_vocab and hf_name.endswith("embed_tokens.weight"):
+            weight = weight[:n_tokens]  # llama.cpp wants one row per token
         data, raw_dtype = tensor_data(to_llama_cpp_layout(hf_name, weight, arch, config), outtype)
         writer.add_tensor(gguf_name(name_map, hf_name), data, raw_dtype=raw_dtype)
     return writer
@@ -225,6 +292,8 @@ def adapter_writer(path, gguf, lora_weights: str, config, arch: Architecture, ou
 def architecture_of(config, preset: Preset) -> Architecture:
     if preset.name in UNSUPPORTED_PRESETS:
         raise UserError(f"preset {preset.name!r} cannot be exported to GGUF: {UNSUPPORTED_PRESETS[preset.name]}")
+    if config.model_type in UNSUPPORTED_MODEL_TYPES:
+        raise UserError(f"model_type {config.model_type!r}: {UNSUPPORTED_MODEL_TYPES[config.model_type]}")
     if config.model_type not in ARCHITECTURES:
         raise UserError(
             f"model_type {config.model_type!r} is not an architecture jalora exports for llama.cpp "
@@ -308,6 +377,8 @@ def export(
         vocab = gguf_file_vocab(Path(source.path) / source.gguf_file)
     else:
         vocab = hf_vocab(tokenizer, tokenizer_folder(base_model, source))
+    if not arch.space_prefix:
+        vocab = replace(vocab, add_space_prefix=False)
     chat_template = tokenizer.chat_template if template.use_chat_template else jinja_chat_template(prompter)
     if record.get("quantization", "none") != "none":
         print(f"the run trained on a {record['quantization']} base: merging into its 16-bit weights instead")

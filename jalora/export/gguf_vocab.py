@@ -31,12 +31,14 @@ TOKENIZER_FIELDS = (
     "tokenizer.ggml.token_type",
     "tokenizer.ggml.scores",
     "tokenizer.ggml.merges",
+    "tokenizer.ggml.add_space_prefix",
 )
 
 
 @dataclass
 class GgufVocab:
-    """What goes under tokenizer.ggml.*: model ("llama" = SentencePiece, "gpt2" = byte-level BPE)."""
+    """What goes under tokenizer.ggml.*: model ("llama" = SentencePiece, "gpt2" = byte-level BPE);
+    add_space_prefix None leaves llama.cpp's default (SentencePiece: a "▁" before the text)."""
 
     model: str
     tokens: list[bytes]
@@ -44,6 +46,7 @@ class GgufVocab:
     scores: list[float] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
     pre: str | None = None
+    add_space_prefix: bool | None = None
 
     def add_to(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -55,6 +58,8 @@ class GgufVocab:
             writer.add_token_scores(self.scores)
         if self.merges:
             writer.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
 
 
 def pre_tokenizer_id(tokenizer_json: dict, where: Path) -> str:
@@ -158,4 +163,5 @@ def gguf_file_vocab(path: Path) -> GgufVocab:
         scores=list(values.get("tokenizer.ggml.scores", [])),
         merges=list(values.get("tokenizer.ggml.merges", [])),
         pre=values.get("tokenizer.ggml.pre"),
+        add_space_prefix=values.get("tokenizer.ggml.add_space_prefix"),
     )

@@ -28,24 +28,27 @@ OLLAMA_PARAMETERS = {
 class PromptFrame:
     """The training prompt of one user message as literal pieces around the system and user slots:
     `before_system + SYSTEM + before_user + USER + after_user`; without a system slot, `before_system`
-    is empty and `system` is None."""
+    is empty and `system` is None. `folded`: the family has no system role (Gemma), so a system prompt,
+    when there is one, opens the user message and `before_user` is what separates them."""
 
     before_system: str
     before_user: str
     after_user: str
     system: str | None
     bos: str
+    folded: bool = False
 
 
 def prompt_frame(prompter: Prompter) -> PromptFrame:
     """Render the prompt once with markers in place of the system prompt and the user message."""
     system = prompter.system_prompt
-    marked = Prompter(prompter.template, prompter.tokenizer, prompter.preset, SYSTEM_MARK if system else None)
+    folded = prompter.template.use_chat_template and not getattr(prompter.preset, "system_role", True)
+    marked = Prompter(prompter.template, prompter.tokenizer, prompter.preset, SYSTEM_MARK if system or folded else None)
     text = marked.render(USER_MARK)
     before_user, after_user = text.split(USER_MARK)
-    before_system, before_user = before_user.split(SYSTEM_MARK) if system else ("", before_user)
+    before_system, before_user = before_user.split(SYSTEM_MARK) if system or folded else ("", before_user)
     bos = prompter.tokenizer.bos_token if prompter.add_bos and prompter.tokenizer.bos_token else ""
-    return PromptFrame(before_system, before_user, after_user, system, bos)
+    return PromptFrame(before_system, before_user, after_user, system, bos, folded)
 
 
 def _literal(text: str) -> str:
@@ -79,8 +82,13 @@ def modelfile(prompter: Prompter, gguf_name: str, stops: list[str]) -> str:
     """An Ollama Modelfile: the GGUF, the training prompt as TEMPLATE, the system prompt, one stop per
     end-of-turn string and the preset's recommended sampling."""
     frame = prompt_frame(prompter)
-    system = "{{ .System }}" if frame.system is not None else ""
-    template = frame.before_system + system + frame.before_user + "{{ .Prompt }}" + frame.after_user
+    if frame.folded:  # no system turn: a system prompt, if any, heads the user message
+        system = "{{ if .System }}{{ .System }}" + frame.before_user + "{{ end }}"
+        template = frame.before_system + system + "{{ .Prompt }}" + frame.after_user
+    else:
+        system = "{{ .System }}" if frame.system is not None else ""
+        template = frame.before_system + system + frame.before_user + "{{ .Prompt }}" + frame.after_user
+    template = template.removeprefix(frame.bos)  # Ollama adds the BOS itself (add_bos_token in the GGUF)
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     if frame.system is not None:
         lines.append(f'SYSTEM """{frame.system}"""')
