@@ -106,6 +106,9 @@ def test_engine_check_messages():
     with pytest.raises(UserError) as err:
         check_engine_enabled({"WORLD_SIZE": "4"}, gpu=True)
     assert "each of the 4 processes training alone" in str(err.value)
+    with pytest.raises(SystemExit) as exit_info:  # rank 1 leaves the one line to rank 0
+        check_engine_enabled(NO_GPU_FSDP | {"RANK": "1"}, gpu=False)
+    assert exit_info.value.code == 2
     for fine in ({}, {"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, {"ACCELERATE_USE_FSDP": "true", "LOCAL_RANK": "0"}):
         check_engine_enabled(fine, gpu=True)
     check_engine_enabled({"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, gpu=False)  # torchrun on CPUs: DDP with gloo

@@ -49,9 +49,19 @@ def expected_distributed_type(env: dict[str, str] | None = None, gpu: bool | Non
 
 
 def check_engine_enabled(env: dict[str, str] | None = None, gpu: bool | None = None) -> None:
-    """One line, before any weights load, when the run would not be what the launch asked for."""
+    """One line, before any weights load, when the run would not be what the launch asked for
+    (from rank 0; the other ranks exit with the same status without repeating it)."""
     env = os.environ if env is None else env
     gpu = torch.cuda.is_available() if gpu is None else gpu
+    try:
+        _check_engine(env, gpu)
+    except UserError:
+        if int(env.get("RANK", "0")) != 0:
+            raise SystemExit(2) from None
+        raise
+
+
+def _check_engine(env, gpu: bool) -> None:
     engine, running = requested_engine(env), expected_distributed_type(env, gpu)
     world = int(env.get("WORLD_SIZE", "1"))
     if engine and running not in ("FSDP", "DEEPSPEED"):
