@@ -63,4 +63,5 @@ def test_shipped_accelerate_configs_parse():
         "deepspeed_zero2": "DEEPSPEED",
         "deepspeed_zero3": "DEEPSPEED",
         "fsdp_qlora": "FSDP",
+        "fsdp2_qlora": "FSDP",
     }

@@ -180,6 +180,59 @@ def estimate_memory(
     }
 
 
+SHARDINGS = ("ddp", "fsdp", "zero3")
+
+
+def decoder_block_bytes(s: Shapes, linear_bytes: float, other_bytes: int) -> float:
+    """One decoder layer's weights as stored: its linears (quantized or not) and its norms."""
+    norms = (4 if s.model_type == "gpt_neox" else 2) * s.hidden
+    return sum(i * o for i, o, _ in s.linears.values()) * linear_bytes + norms * other_bytes
+
+
+def sharded_memory(config, num_gpus: int, sharding: str, quantization: str = "4bit", dtype_bytes: int = 2, **kwargs):
+    """Peak bytes on each of num_gpus GPUs, by the engine's rules (a prediction, like estimate_memory).
+
+    ddp: every GPU holds the whole model, LoRA and optimizer state, plus DDP's gradient buckets.
+    fsdp (FULL_SHARD) and zero3: weights, LoRA weights, their gradients and AdamW state are split
+    num_gpus ways; on top comes what is gathered whole during a step: for fsdp the root unit
+    (embeddings, final norm, head), which stays gathered from forward to backward, and two decoder
+    blocks (the one computing and the prefetched next); for zero3 the largest single module (head
+    or embeddings) and two decoder blocks. Under fsdp/zero3 jalora keeps a 4-bit base's other
+    weights in the compute dtype (no fp32 upcast: a block is one flat tensor of one dtype).
+    Activations and logits are per rank, as one GPU's; with more than one process jalora turns the
+    chunked loss off (it calls the decoder outside the engine's wrapper), so every run here builds
+    the full logits.
+    """
+    if sharding not in SHARDINGS:
+        raise UserError(f"unknown --sharding {sharding!r}; choose one of: {', '.join(SHARDINGS)}")
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        raise UserError(f"--num_gpus must be a whole number of at least 1, not {num_gpus!r}")
+    if num_gpus > 1:
+        kwargs["chunked_ce"] = kwargs.get("stage") == "dpo"  # trl's DPO computes log-probs in chunks itself
+    result = estimate_memory(config, quantization, dtype_bytes=dtype_bytes, **kwargs)
+    result |= {"num_gpus": num_gpus, "sharding": sharding, "all_gather": 0.0}
+    if sharding == "ddp":
+        result["lora_and_optimizer"] += result["lora_parameters"] * 4  # DDP's bucket copy of the fp32 gradients
+    else:
+        s = shapes(config)
+        counts = parameter_counts(s)
+        quantized = quantization != "none"
+        linear_bytes = {"4bit": NF4_BYTES, "8bit": INT8_BYTES}.get(quantization, dtype_bytes)
+        if quantized:  # no fp32 upcast of norms, embeddings and head: they stay in the compute dtype
+            result["weights"] = counts["linear"] * linear_bytes + counts["other"] * dtype_bytes
+            head_rows = result["logits"] / (s.vocab * (4 + 4 + 4))
+            result["logits"] = head_rows * s.vocab * (dtype_bytes + 4 + 4)
+        embeddings = s.vocab * s.hidden * dtype_bytes
+        block = decoder_block_bytes(s, linear_bytes, dtype_bytes)
+        root_unit = embeddings * (1 if s.tied else 2) + s.hidden * dtype_bytes  # with the final norm
+        gathered_whole = root_unit if sharding == "fsdp" else embeddings
+        result["weights"] /= num_gpus
+        result["lora_and_optimizer"] /= num_gpus
+        result["all_gather"] = gathered_whole + 2 * block
+    result["total"] = sum(result[k] for k in ("weights", "lora_and_optimizer", "activations", "logits", "all_gather"))
+    return result
+
+
 def report(estimate: dict, gpu_gb: float) -> str:
     """The breakdown `jalora estimate` prints, ending in whether it fits."""
     rows = [
@@ -188,13 +241,19 @@ def report(estimate: dict, gpu_gb: float) -> str:
         ("activations", estimate["activations"]),
         ("logits / loss", estimate["logits"]),
     ]
+    if estimate.get("all_gather"):
+        rows.append(("all-gather buffer", estimate["all_gather"]))
     lines = [f"{name:<18}{value / GB:7.2f} GB" for name, value in rows]
     peak = estimate["total"] / GB
     lines.append(f"{'peak (torch)':<18}{peak:7.2f} GB")
     needed = peak + CUDA_CONTEXT_GB
     verdict = "fits" if needed <= gpu_gb else "does NOT fit"
     lines.append(f"{'+ CUDA context':<18}{CUDA_CONTEXT_GB:7.2f} GB")
-    lines.append(f"{verdict} on a {gpu_gb:g} GB card ({needed:.1f} GB needed, {gpu_gb - needed:+.1f} GB to spare)")
+    gpus = estimate.get("num_gpus", 1)
+    cards = f"each of {gpus} {gpu_gb:g} GB cards" if gpus > 1 else f"a {gpu_gb:g} GB card"
+    lines.append(f"{verdict} on {cards} ({needed:.1f} GB needed, {gpu_gb - needed:+.1f} GB to spare)")
+    if gpus > 1:
+        lines.append("a prediction from the config, not a measurement: no multi-GPU run has checked it")
     return "\n".join(lines)
 
 
@@ -213,10 +272,14 @@ def estimate(
     preset: str | None = None,
     trust_remote_code: bool = False,
     stage: str = "sft",
+    num_gpus: int = 1,
+    sharding: str = "ddp",
 ) -> dict:
     """Print the predicted peak GPU memory of `finetune` with these flags, and whether it fits `gpu_gb`.
 
     --stage dpo / orpo: each pair is two sequences in one forward pass (chosen and rejected).
+    --num_gpus N --sharding ddp|fsdp|zero3: the peak on each GPU of an N-process launch
+    (README, Multi-GPU; the rules are in `sharded_memory`). Predictions, not measurements.
 
     Reads only the model config (a local folder, or a hub id: config.json alone is fetched).
     LoRA targets default to the preset's, as in finetune.
@@ -234,24 +297,27 @@ def estimate(
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if targets == ["all-linear"]:
         targets = "all-linear"
-    result = estimate_memory(
-        config,
-        quantization,
-        cutoff_len,
-        micro_batch_size,
-        targets,
-        lora_r,
-        gradient_checkpointing,
-        chunked_ce,
-        dtype_bytes=2 if bf16 else 4,
-        stage=stage,
-    )
+    settings = {
+        "cutoff_len": cutoff_len,
+        "micro_batch_size": micro_batch_size,
+        "lora_target_modules": targets,
+        "lora_r": lora_r,
+        "gradient_checkpointing": gradient_checkpointing,
+        "chunked_ce": chunked_ce,
+        "stage": stage,
+    }
+    dtype_bytes = 2 if bf16 else 4
+    if num_gpus == 1 and sharding == "ddp":
+        result = estimate_memory(config, quantization, dtype_bytes=dtype_bytes, **settings)
+    else:
+        result = sharded_memory(config, num_gpus, sharding, quantization, dtype_bytes, **settings)
     print(
         f"{base_model}: {config.model_type}, {result['parameters'] / 1e9:.2f}B parameters, "
         f"LoRA r={lora_r} on {targets if isinstance(targets, str) else ','.join(targets)} "
         f"({result['lora_parameters'] / 1e6:.1f}M); {quantization}, micro-batch {micro_batch_size} × {cutoff_len} "
         f"tokens, gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
         f"chunked CE {'on' if result['chunked_ce'] else 'off'}, stage {stage}"
+        + (f"; {sharding} across {num_gpus} GPUs, per GPU" if "num_gpus" in result else "")
     )
     print(report(result, gpu_gb))
     return result

@@ -365,8 +365,17 @@ def continue_adapter(model, adapter_dir: str, quantized: bool, gradient_checkpoi
 
 
 def _prepare_kbit(model, gradient_checkpointing: bool):
+    """peft's k-bit preparation; under FSDP / ZeRO-3 without its fp32 upcast of the norms, embeddings
+    and head: FSDP1 flattens a block into one tensor of one dtype, and the 4-bit weights are stored in
+    the compute dtype there (the shipped fsdp_qlora.yaml fails with "Must flatten tensors with uniform
+    dtype" otherwise)."""
     from peft import prepare_model_for_kbit_training
 
+    if sharded_launch():
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
     )

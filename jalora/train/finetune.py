@@ -40,6 +40,7 @@ from jalora.outputs import (
 from jalora.presets import presets_table
 from jalora.quiet import quiet_third_party
 from jalora.train.datasets import check_stage_flags, read_data, tokenize_data
+from jalora.train.distributed import GatheredAdapter, check_engine_enabled, gather_adapter
 from jalora.train.record import DEFAULT_DPO_LOSS, run_record, stage_metrics
 from jalora.train.trainer import build_stage_trainer, lean_settings, world_size
 
@@ -129,6 +130,7 @@ def finetune(
     settings = checked_settings(finetune, locals())  # every flag typed and in range, frozen
     flags = settings.as_dict()
     check_training_flags(flags)
+    check_engine_enabled()  # FSDP / DeepSpeed asked for but not enabled: stop before anything loads
     check_stage_flags(stage, packing, loss_type, base_adapter, lora_target_modules)
     resume = prepare_output_dir(output_dir, resume_from_checkpoint, overwrite_output_dir)
     the_preset = resolve_preset(preset, base_model, trust_remote_code)
@@ -161,12 +163,13 @@ def finetune(
 
     record = run_record(flags, the_preset, prompter, model, trainer, lean, lora, train_set, val_set, stats, metrics)
     record["flags"] = flags  # the resolved flags: `finetune.py --config OUT/jalora.json` repeats the run
+    adapter = gather_adapter(trainer.model)  # FSDP / ZeRO-3 shards: every rank takes part, rank 0 writes
     if trainer.is_world_process_zero():
         if stage in PREFERENCE_STAGES:
             from jalora.train.preference import drop_reference_adapter
 
             drop_reference_adapter(model)
-        save_run(model, tokenizer, record, Path(output_dir))
+        save_run(model, tokenizer, record, Path(output_dir), adapter)
     return record
 
 
@@ -239,20 +242,20 @@ def final_eval_loss(trainer) -> float:
     return final_evaluation(trainer)["eval_loss"]
 
 
-def check_adapter_trained(model) -> None:
+def check_adapter_trained(weights: dict[str, torch.Tensor]) -> None:
     """An adapter whose LoRA B matrices are all zero is the base model: never call that a success."""
-    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    lora_b = [p for name, p in weights.items() if "lora_B" in name]
     if not lora_b:
         raise UserError("the model has no LoRA weights to save")
     if all(torch.count_nonzero(p) == 0 for p in lora_b):
         raise UserError("training left every LoRA weight at zero (no step was taken?); nothing was saved")
 
 
-def save_run(model, tokenizer, record: dict, out_dir: Path) -> None:
+def save_run(model, tokenizer, record: dict, out_dir: Path, adapter: dict | None = None) -> None:
     """Adapter, tokenizer, loss plot, model card and run record; the run record is written last
-    and marks the run finished."""
-    check_adapter_trained(model)
-    save_pretrained_atomic(model, out_dir)
+    and marks the run finished. `adapter`: the LoRA weights gathered from a sharded model."""
+    check_adapter_trained(adapter if adapter is not None else dict(model.named_parameters()))
+    save_pretrained_atomic(model if adapter is None else GatheredAdapter(model, adapter), out_dir)
     save_pretrained_atomic(tokenizer, out_dir)
     if save_loss_plot(record.get("losses", {}), out_dir / LOSS_PLOT, title=str(record.get("base_model", ""))):
         print(f"loss curve: {out_dir / LOSS_PLOT}")
