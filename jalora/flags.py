@@ -105,12 +105,14 @@ RULES: dict[str, Range | Choices | Names] = {
     "lora_target_modules": Names(),
     "stage": Choices(STAGES),
     "quantization": Choices(QUANTIZATIONS),
-    # these four are also the commands' own tuples (tests/test_flags.py keeps them equal); they are
+    # these five are also the commands' own tuples (tests/test_flags.py keeps them equal); they are
     # written here because the modules that hold them import torch
     "tasks": Choices(("elyza-tasks-100", "jcommonsenseqa")),
     "format": Choices(("gguf",)),
     "outtype": Choices(("f16", "q8_0")),
     "dtype": Choices(("float32", "bfloat16", "float16")),
+    "sharding": Choices(("ddp", "fsdp", "zero3")),
+    "num_gpus": WHOLE_AT_LEAST_1,
     "max_new_tokens": WHOLE_AT_LEAST_1,
     "num_beams": WHOLE_AT_LEAST_1,
     "temperature": Range(0),

@@ -202,11 +202,13 @@ def test_one_name_for_one_thing():
 
 def test_rule_choices_are_the_commands_own():
     from jalora.evaluate.heldout import TASKS
+    from jalora.evaluate.memory import SHARDINGS
     from jalora.export.gguf import OUTTYPES
     from jalora.export.merge import DTYPES
 
     assert RULES["tasks"].options == TASKS and RULES["outtype"].options == OUTTYPES
     assert RULES["dtype"].options == tuple(DTYPES)
+    assert RULES["sharding"].options == SHARDINGS
 
 
 def test_every_rule_names_a_flag_of_some_command():
