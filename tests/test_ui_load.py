@@ -62,7 +62,7 @@ def served(tiny_model_dir, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_served(url, server)
+        wait_until_served(url, server, seconds=600)  # a loaded CI box imports gradio and torch slowly
         yield url, expected, server
     finally:
         server.terminate()
@@ -70,7 +70,8 @@ def served(tiny_model_dir, tmp_path_factory):
 
 
 def ask(client, instruction: str, max_new_tokens: float = MAX_NEW_TOKENS) -> tuple[str, str]:
-    return client.predict(instruction=instruction, max_new_tokens=max_new_tokens, api_name="/run")
+    """The page's first three controls (instruction, input, max_new_tokens); the rest keep the page's defaults."""
+    return client.predict(instruction, "", max_new_tokens, api_name="/run")
 
 
 def test_eight_concurrent_users_each_get_their_own_answer(served):
