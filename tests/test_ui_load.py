@@ -19,6 +19,9 @@ import pytest
 from test_export import random_adapter
 from test_ui_browser import free_port, wait_until_served
 
+from jalora.generate.penalties import DEFAULT_EXEMPT
+from jalora.presets import get_preset
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -70,8 +73,13 @@ def served(tiny_model_dir, tmp_path_factory):
 
 
 def ask(client, instruction: str, max_new_tokens: float = MAX_NEW_TOKENS) -> tuple[str, str]:
-    """The page's first three controls (instruction, input, max_new_tokens); the rest keep the page's defaults."""
-    return client.predict(instruction, "", max_new_tokens, api_name="/run")
+    """Every control of the page in order (the API names varargs by position): greedy, the page's defaults."""
+    defaults = get_preset("llama3-elyza").generation
+    controls = [
+        instruction, "", max_new_tokens, 0.0, defaults.get("top_p", 1.0), defaults.get("top_k", 0),
+        defaults.get("repetition_penalty", 1.0), 1.0, 0.0, 0.0, 0, DEFAULT_EXEMPT, "",
+    ]  # fmt: skip
+    return client.predict(*controls, api_name="/run")
 
 
 def test_eight_concurrent_users_each_get_their_own_answer(served):
