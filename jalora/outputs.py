@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from jalora.errors import UserError
@@ -14,12 +16,77 @@ RUN_RECORD = "jalora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+LOW_SPACE = 1 << 20  # under 1 MiB free after a failed write: the disk is full, whatever the library says
+
+
+class WriteFailed(UserError):
+    """A write failed (full disk, quota, I/O error) and its partial result was removed. Not the
+    user's input, so not exit status 2; the message names the path and the space it needs."""
+
+    exit_code = 1
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def size_of(path: Path) -> int:
+    """Bytes in a file, or in every file under a folder; 0 when it is absent."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
+
+
+def is_write_failure(err: BaseException, path: Path) -> bool:
+    """True for a failed write. torch.save reports a full disk as a RuntimeError ("unexpected
+    pos"), safetensors as a SafetensorError ("os error 28"): beside OSError, the disk's free
+    space decides."""
+    return isinstance(err, OSError) or "os error" in str(err) or free_bytes(path) < LOW_SPACE
+
+
+@contextmanager
+def reported_write_failures(
+    path: Path, needed: Callable[[], int], cleanup: Callable[[], None] = lambda: None, then: str = ""
+) -> Iterator[None]:
+    """Turn a failed write of `path` into one line: what, why, the space it needs and has.
+
+    `needed` is asked before `cleanup` (which removes the partial result), so it may measure
+    what was written; the free space is measured after, as the user will find it.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_write_failure(err, path):
+            raise
+        size = needed()
+        cleanup()
+        free = free_bytes(path)
+        if isinstance(err, OSError) and err.strerror:
+            reason = err.strerror
+        else:
+            reason = "no space left on device" if free < LOW_SPACE + size else str(err).splitlines()[0]
+        raise WriteFailed(
+            f"could not write {path}: {reason}; it needs about {megabytes(size)} free, "
+            f"{megabytes(free)} is free there{then}"
+        ) from None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        cleanup = lambda: Path(tmp).unlink(missing_ok=True)  # noqa: E731
+        with reported_write_failures(path, lambda: len(data), cleanup), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -33,12 +100,24 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 
+def weight_bytes(obj) -> int:
+    """What `save_pretrained` will write for a model: the trainable weights of a peft model (its
+    adapter), every weight of a plain one; 0 for anything else (a tokenizer)."""
+    if not hasattr(obj, "parameters"):
+        return 0
+    adapter_only = hasattr(obj, "peft_config")
+    return sum(p.numel() * p.element_size() for p in obj.parameters() if p.requires_grad or not adapter_only)
+
+
 def save_pretrained_atomic(obj, out_dir: Path) -> None:
     """`obj.save_pretrained` into a temporary folder inside out_dir, then move each file into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".saving-"))
     try:
-        obj.save_pretrained(tmp)
+        with reported_write_failures(
+            out_dir, needed=lambda: max(weight_bytes(obj), size_of(tmp)), cleanup=lambda: shutil.rmtree(tmp)
+        ):
+            obj.save_pretrained(tmp)
         for item in tmp.iterdir():
             target = out_dir / item.name
             if target.is_dir():

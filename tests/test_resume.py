@@ -1,4 +1,4 @@
-"""Training you can trust: a run killed with SIGKILL, or stopped with Ctrl-C, and resumed ends
+"""Training you can trust: a run killed with SIGKILL, or stopped with Ctrl-C or SIGTERM, and resumed ends
 with the same adapter as an uninterrupted run; checkpoints are whole or absent; a NaN loss
 stops the run at the right step with the last good checkpoint kept; output dirs are not
 silently overwritten or silently resumed."""
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from jalora.errors import UserError
 from jalora.outputs import (
     CHECKPOINT_INFO,
+    WriteFailed,
     clear_previous_run,
     complete_checkpoints,
     prepare_output_dir,
@@ -90,17 +91,19 @@ def signal_when(proc: subprocess.Popen, checkpoint: Path, sig: int, fired: list)
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    """A reference run in-process while two CLI runs are killed mid-run: one with SIGKILL after
-    checkpoint-4, one with Ctrl-C (SIGINT) after checkpoint-6 (the end of epoch 1)."""
+    """A reference run in-process while three CLI runs are killed mid-run: one with SIGKILL after
+    checkpoint-4, one with Ctrl-C (SIGINT) after checkpoint-6 (the end of epoch 1), one with SIGTERM
+    (preemption) after checkpoint-4."""
     root = tmp_path_factory.mktemp("resume")
     base = str(tiny_model_dir("open-calm"))
     data = write_data(root / "toy.jsonl")
     killed, ctrl_c = root / "killed", root / "ctrl_c"
-    procs = {name: start_cli_run(base, data, root / name) for name in ("killed", "ctrl_c")}
-    fired: dict[str, list] = {"killed": [], "ctrl_c": []}
+    procs = {name: start_cli_run(base, data, root / name) for name in ("killed", "ctrl_c", "sigterm")}
+    fired: dict[str, list] = {"killed": [], "ctrl_c": [], "sigterm": []}
     watchers = [
         signal_when(procs["killed"], killed / "checkpoint-4", signal.SIGKILL, fired["killed"]),
         signal_when(procs["ctrl_c"], ctrl_c / "checkpoint-6", signal.SIGINT, fired["ctrl_c"]),
+        signal_when(procs["sigterm"], root / "sigterm" / "checkpoint-4", signal.SIGTERM, fired["sigterm"]),
     ]
     reference = root / "reference"
     finetune(base_model=base, data_path=data, output_dir=str(reference), **RUN)
@@ -142,6 +145,43 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly_then_resumes_exactly(runs):
         **RUN,
     )
     assert_same_adapter(out, runs["reference"])
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_then_resumes_exactly(runs):
+    """Preemption (spot instances, Slurm, Kubernetes, Colab): SIGTERM behaves as Ctrl-C, with 143."""
+    proc, out = runs["procs"]["sigterm"], runs["reference"].parent / "sigterm"
+    _, stderr = runs["outputs"]["sigterm"]
+    assert runs["fired"]["sigterm"] == [True], "the run ended before SIGTERM was sent"
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: terminated (SIGTERM) at step "), stderr[-2000:]
+    step = int(errors[0].split(" at step ")[1].split(";")[0])
+    assert step > 4 and f"checkpoint saved to {out / f'checkpoint-{step}'} in " in errors[0]
+    assert complete_checkpoints(out)[-1].name == f"checkpoint-{step}"
+    assert not (out / "jalora.json").exists() and not list(out.glob(".checkpoint-*"))
+    finetune(base_model=runs["base"], data_path=runs["data"], output_dir=str(out), resume_from_checkpoint=True, **RUN)
+    assert_same_adapter(out, runs["reference"])
+
+
+def test_sigterm_while_loading_exits_at_once_cleanly(tiny_model_dir, monkeypatch, capsys, tmp_path):
+    """SIGTERM before training (loading the model here) unwinds at once: one line, 143, nothing written."""
+    import jalora.train.finetune as finetune_module
+
+    def preempted_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal interrupts this
+        raise AssertionError("SIGTERM did not stop the load")
+
+    base, data = str(tiny_model_dir("open-calm")), write_data(tmp_path / "toy.jsonl")
+    monkeypatch.setattr(finetune_module, "build_model", preempted_while_loading)
+    started = time.time()
+    with pytest.raises(SystemExit) as exited:
+        finetune_cli(base_model=base, data_path=data, output_dir=str(tmp_path / "out"), **RUN)
+    assert exited.value.code == 143 and time.time() - started < 20
+    assert capsys.readouterr().err.strip() == "error: terminated (SIGTERM); checkpoints already on disk are complete"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler is put back"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_checkpoints_every_save_steps_and_epoch_end_hold_the_full_state(runs):
@@ -211,7 +251,7 @@ class SaveFailsHalfway:
 
 
 def test_write_that_fails_halfway_leaves_nothing(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailed, match=f"could not write {tmp_path}: No space left on device; it needs about"):
         save_pretrained_atomic(SaveFailsHalfway(), tmp_path)
     assert list(tmp_path.iterdir()) == []
 

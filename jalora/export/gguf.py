@@ -24,9 +24,10 @@ from jalora.export.gguf_vocab import gguf_file_vocab, hf_vocab
 from jalora.export.merge import merged_model
 from jalora.export.ollama import MODELFILE, jinja_chat_template, modelfile
 from jalora.model.loading import load_config, load_tokenizer, resolve_source
-from jalora.outputs import read_run_record, write_atomic
+from jalora.outputs import read_run_record, reported_write_failures, write_atomic
 from jalora.presets import Preset, get_preset
 from jalora.quiet import quiet_third_party
+from jalora.run_lock import locks_output, refuse_if_locked
 
 OUTTYPES = ("f16", "q8_0")
 
@@ -214,11 +215,13 @@ def write_gguf(path: Path, fill) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     writer = fill(partial, gguf)
+    tensor_bytes = sum(info.nbytes for shard in writer.tensors for info in shard.values())
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        with reported_write_failures(path, lambda: tensor_bytes, lambda: partial.unlink(missing_ok=True)):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -335,6 +338,7 @@ def end_of_turn_strings(tokenizer, generation_eos) -> list[str]:
 
 
 @friendly_errors
+@locks_output("output_dir")
 def export(
     lora_weights: str,
     output_dir: str = "./gguf",
@@ -353,6 +357,7 @@ def export(
         raise UserError(f"unknown --format {format!r}; jalora exports gguf (for a transformers model: jalora merge)")
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
+    refuse_if_locked(lora_weights, "--lora_weights")
     record = read_run_record(lora_weights)
     base_model = base_model or record["base_model"]
     out = Path(output_dir)

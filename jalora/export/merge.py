@@ -18,9 +18,10 @@ from jalora.errors import UserError, friendly_errors
 from jalora.evaluate.card import CARD, merged_card
 from jalora.generate.model_settings import eos_ids_of
 from jalora.model.loading import compute_dtype, load_model, load_tokenizer, resolve_preset, resolve_source
-from jalora.outputs import read_run_record, write_atomic
+from jalora.outputs import read_run_record, reported_write_failures, weight_bytes, write_atomic
 from jalora.presets import get_preset
 from jalora.quiet import quiet_third_party
+from jalora.run_lock import locks_output, refuse_if_locked
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,7 @@ def stop_at_end_of_turn(generation_config, tokenizer) -> None:
 
 
 @friendly_errors
+@locks_output("output_dir")
 def merge(
     lora_weights: str | None = None,
     output_dir: str = "./merged",
@@ -84,6 +86,8 @@ def merge(
     --verbose shows the libraries' warnings and log lines.
     """
     quiet_third_party(verbose)
+    if lora_weights:
+        refuse_if_locked(lora_weights, "--lora_weights")
     record = read_run_record(lora_weights) if lora_weights else {}
     base_model = base_model or record.get("base_model")
     if not base_model:
@@ -102,12 +106,13 @@ def merge(
     model.config.pad_token_id = tokenizer.pad_token_id
     stop_at_end_of_turn(model.generation_config, tokenizer)
 
-    partial = out.with_name(f".{out.name}.partial")
+    partial = out.with_name(f".{out.name}.partial")  # renamed to `out` when whole; removed if a write fails
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(partial)
-    card = merged_card(record, base_model, lora_weights, quantization, str(out))
-    write_atomic(partial / CARD, card.encode("utf-8"))
+    with reported_write_failures(out, lambda: weight_bytes(model), lambda: shutil.rmtree(partial, ignore_errors=True)):
+        model.save_pretrained(partial, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(partial)
+        card = merged_card(record, base_model, lora_weights, quantization, str(out))
+        write_atomic(partial / CARD, card.encode("utf-8"))
     if out.exists():
         out.rmdir()
     os.replace(partial, out)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from jalora.errors import UserError
 from jalora.generate.generator import Generator, Sampling
 from jalora.generate.repetition_score import repetition_report
+from jalora.outputs import reported_write_failures
 
 ADDED_FIELDS = ("response", "response_base", "repetition")
 
@@ -65,6 +66,21 @@ def answered_count(output_file: Path, rows: list[dict]) -> int:
     return len(lines)
 
 
+def append_whole(fd: int, path: Path, lines: str, answered: int) -> None:
+    """Append a batch's answers and fsync; if the write fails (full disk), cut the file back to
+    the answers before it, so it holds whole answers only, and say what the batch needs.
+    Unbuffered (os.write on a file opened for appending, without a buffer): nothing is left to
+    fail again on close."""
+    before = os.lseek(fd, 0, os.SEEK_END)
+    data = memoryview(lines.encode("utf-8"))
+    then = f"; the {answered} answers before it are whole: free space and run the same command again to continue"
+    with reported_write_failures(path, lambda: len(data), lambda: os.ftruncate(fd, before), then):
+        rest = data
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+        os.fsync(fd)
+
+
 def answer_file(
     generator: Generator,
     input_file: str,
@@ -81,7 +97,7 @@ def answer_file(
     if done:
         print(f"{output_file}: {done} of {len(rows)} records already answered; resuming", file=sys.stderr)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out, tqdm(total=len(rows), initial=done, unit="record") as bar:
+    with out_path.open("ab", buffering=0) as out, tqdm(total=len(rows), initial=done, unit="record") as bar:
         for start in range(done, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             prompts = [generator.prompter.render(r["instruction"], str(r.get("input") or "")) for r in chunk]
@@ -94,8 +110,7 @@ def answer_file(
             if report:
                 for result in results:
                     result["repetition"] = repetition_report(result["response"])
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-            out.flush()
-            os.fsync(out.fileno())
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+            append_whole(out.fileno(), out_path, lines, start)
             bar.update(len(chunk))
     print(f"wrote {len(rows) - done} answers to {output_file} ({len(rows)} in all)")

@@ -11,6 +11,7 @@ from jalora.generate.chat import chat_loop
 from jalora.generate.generator import Generator, Sampling, show_answer
 from jalora.generate.penalties import DEFAULT_EXEMPT
 from jalora.quiet import quiet_third_party
+from jalora.run_lock import locks_output
 
 
 def _compare(generator: Generator, prompt_text: str, sampling: Sampling, stream: bool, report: bool) -> None:
@@ -23,6 +24,7 @@ def _compare(generator: Generator, prompt_text: str, sampling: Sampling, stream:
 
 
 @friendly_errors
+@locks_output("output_file")
 def main(
     prompt: str | None = None,
     input: str = "",

@@ -2,6 +2,12 @@
 
 gradio is imported only when the demo starts, so the package and its tests never need it;
 `answer_stream` holds the logic and is plain Python.
+
+Many users at once: gradio's queue runs one generation at a time (concurrency limit 1: one
+model, one device; two generations in threads would share it, not finish sooner) and holds up
+to --max_queue waiting requests, each with its own stream; the rest are refused with "queue is
+full". A request the model cannot serve (empty, longer than the model's context, too many new
+tokens) gets a message in the page and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -14,6 +20,23 @@ from jalora.generate.generator import Generator, Sampling
 from jalora.generate.penalties import DEFAULT_EXEMPT
 from jalora.generate.repetition_score import format_report, repetition_report
 from jalora.quiet import quiet_third_party
+
+MAX_NEW_TOKENS = 1024  # the slider's end; the API must not ask for more than the page can
+CONCURRENCY_LIMIT = 1  # generations at once; the rest wait in the queue
+
+
+def check_request(generator: Generator, prompt_text: str, max_new_tokens: int) -> None:
+    """Refuse what the model cannot serve before it starts, with a message for the page."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+    context = getattr(generator.model.config, "max_position_embeddings", None)
+    if context:
+        length = len(generator.prompter.encode([prompt_text])[0])
+        if length + max_new_tokens > context:
+            raise UserError(
+                f"the prompt is {length} tokens; with max_new_tokens {max_new_tokens} that is more than "
+                f"the {context} tokens this model can read: shorten the instruction or input"
+            )
 
 
 def answer_stream(
@@ -52,8 +75,12 @@ def answer_stream(
         stop=tuple(line for line in stop.splitlines() if line),
     )
     sampling.check(generator.prompter.preset)
+    if not instruction.strip():
+        raise UserError("the instruction is empty: type a question or a task")
+    prompt_text = generator.prompter.render(instruction, input)
+    check_request(generator, prompt_text, sampling.max_new_tokens)
     text = ""
-    for piece in generator.stream(generator.prompter.render(instruction, input), sampling):
+    for piece in generator.stream(prompt_text, sampling):
         text += piece
         yield text, ""
     yield text, format_report(repetition_report(text))
@@ -76,7 +103,7 @@ def build_demo(gr, generator: Generator):
                 controls = [
                     gr.Textbox(label="instruction (指示)", lines=4, elem_id="instruction"),
                     gr.Textbox(label="input (入力, optional)", lines=3),
-                    gr.Slider(1, 1024, value=128, step=1, label="max_new_tokens"),
+                    gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="max_new_tokens"),
                     gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)"),
                     gr.Slider(0.0, 1.0, value=defaults.get("top_p", 1.0), step=0.01, label="top_p (sampling only)"),
                     gr.Slider(0, 200, value=defaults.get("top_k", 0), step=1, label="top_k (sampling only, 0 = off)"),
@@ -98,7 +125,7 @@ def build_demo(gr, generator: Generator):
             with gr.Column():
                 answer = gr.Textbox(label="answer", lines=16, elem_id="answer")
                 report = gr.Textbox(label="repetition report", elem_id="report")
-        button.click(run, inputs=controls, outputs=[answer, report])
+        button.click(run, inputs=controls, outputs=[answer, report], concurrency_limit=CONCURRENCY_LIMIT)
     return demo
 
 
@@ -113,11 +140,13 @@ def ui(
     host: str = "127.0.0.1",
     port: int = 7860,
     share: bool = False,
+    max_queue: int = 64,
     trust_remote_code: bool = False,
     verbose: bool = False,
 ) -> None:
     """Serve the web demo for an adapter (or a base model) at http://HOST:PORT (--verbose: the
-    libraries' warnings and log lines too)."""
+    libraries' warnings and log lines too). One answer is generated at a time; up to --max_queue
+    requests wait their turn, more are refused (docs/generation.md)."""
     quiet_third_party(verbose)
     try:
         import gradio as gr
@@ -129,4 +158,7 @@ def ui(
     note = generator.settings_note(Sampling(max_new_tokens=128))  # the demo opens greedy, as generate.py does
     if note:
         print(note, file=sys.stderr)
-    build_demo(gr, generator).queue().launch(server_name=host, server_port=port, share=share)
+    if max_queue < 1:
+        raise UserError("--max_queue must be at least 1")
+    demo = build_demo(gr, generator).queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=max_queue)
+    demo.launch(server_name=host, server_port=port, share=share)

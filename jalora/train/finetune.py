@@ -39,6 +39,7 @@ from jalora.outputs import (
 )
 from jalora.presets import presets_table
 from jalora.quiet import quiet_third_party
+from jalora.run_lock import locks_output
 from jalora.train.datasets import check_stage_flags, read_data, tokenize_data
 from jalora.train.distributed import GatheredAdapter, check_engine_enabled, gather_adapter
 from jalora.train.record import DEFAULT_DPO_LOSS, run_record, stage_metrics
@@ -53,6 +54,7 @@ TRAINER_FLAGS = (
 
 
 @friendly_errors
+@locks_output("output_dir")
 def finetune(
     base_model: str = DEFAULT_BASE_MODEL,
     data_path: str = str(SAMPLE_DATA),
