@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from jinja2.exceptions import TemplateError
-from tiny_models import TOKENIZER_TEXT, gemma_facts
+from tiny_models import gemma_facts
 from transformers import AutoTokenizer
 
 from jalora.data.prompts import TEMPLATE_DIR, Prompter, load_template
@@ -18,6 +18,7 @@ from jalora.model.loading import load_tokenizer, resolve_source
 from jalora.presets import PRESETS, detect_preset
 
 GEMMA = ("gemma3", "gemma2")
+INSTRUCTION_FILES = ("dolly_ja_sample.jsonl", "dolly_ja_heldout.jsonl")  # the instruction records in data/
 FACTS = gemma_facts()
 SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"
 INSTRUCTION, OUTPUT = "日本で一番高い山は何ですか？", "富士山です。標高は3776メートルです。"
@@ -247,7 +248,7 @@ def test_real_tokenizer_one_bos_folded_system_and_joint_text_answers(real_prompt
     assert prompt_ids[0] == ids["<bos>"] and prompt_ids.count(ids["<bos>"]) == 1
     assert tok.convert_ids_to_tokens(prompt_ids[1:3]) == ["<start_of_turn>", "user"]
 
-    records = [r for name in TOKENIZER_TEXT for r in load_records(str(SAMPLE_DATA.parent / name))]
+    records = [r for name in INSTRUCTION_FILES for r in load_records(str(SAMPLE_DATA.parent / name))]
     examples, stats = tokenize_records(records, real_prompter, 100_000)
     assert stats.kept == len(records) > 100
     for record, example in zip(records, examples):
