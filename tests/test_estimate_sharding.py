@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fire
 import pytest
 
-from jalora.cli import COMMANDS
+from jalora.cli import main
 from jalora.evaluate.memory import GB, estimate_memory, sharded_memory
 from jalora.model.loading import load_config, resolve_source
 
@@ -49,7 +48,7 @@ def test_the_multi_gpu_table():
 
 
 def estimate_cli(*args: str) -> None:
-    fire.Fire(COMMANDS, command=["estimate", *args], serialize=lambda _: None)
+    main(["estimate", *args])
 
 
 def test_estimate_cli_per_gpu(capsys):

@@ -143,7 +143,7 @@ def test_full_disk_while_answering_a_file_keeps_whole_answers_then_continues(sma
     rows = [{"instruction": f"{t}について一言で。", "note": "x" * 6000} for t in ("東京", "京都", "寿司", "桜")]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    flags = dict(lora_weights=str(adapter), input_file=str(requests), batch_size=1, max_new_tokens=8)
+    flags = dict(lora_weights=str(adapter), data_path=str(requests), batch_size=1, max_new_tokens=8)
     expected = tmp_path / "expected.jsonl"
     generate(output_file=str(expected), **flags)
     whole = expected.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -165,8 +165,8 @@ def test_full_disk_while_answering_a_file_keeps_whole_answers_then_continues(sma
 # --- one run per output --------------------------------------------------------------------
 def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_lock_does_not_block(tiny_model_dir, tmp_path):
     base, data, out = str(tiny_model_dir("open-calm")), write_data(tmp_path / "toy.jsonl"), tmp_path / "out"
-    flags = [f"--{k}={v}" for k, v in {**RUN, "base_model": base, "data_path": data, "output_dir": out}.items()]
-    long_run = [*flags, "--max_steps=100000", "--save_steps=1"]
+    endless = {**RUN, "base_model": base, "data_path": data, "output_dir": out, "max_steps": 100000, "save_steps": 1}
+    long_run = [f"--{k}={v}" for k, v in endless.items()]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *long_run], env=env, cwd=tmp_path)
     try:
@@ -217,7 +217,7 @@ def test_merge_export_and_batch_generate_are_refused_on_a_held_output(tiny_model
     with run_lock(tmp_path / "gguf", "--output_dir"), pytest.raises(UserError, match=holder):
         export(lora_weights=str(run), output_dir=str(tmp_path / "gguf"))
     with run_lock(answers, "--output_file"), pytest.raises(UserError, match=f"--output_file {answers} is in use"):
-        generate(lora_weights=str(run), input_file=str(requests), output_file=str(answers))
+        generate(lora_weights=str(run), data_path=str(requests), output_file=str(answers))
     with run_lock(run, "--output_dir"), pytest.raises(UserError, match=f"--lora_weights {run} is still being written"):
         export(lora_weights=str(run), output_dir=str(tmp_path / "gguf"))
     assert not answers.exists() and not merged.exists()

@@ -173,21 +173,21 @@ def test_values_are_typed_and_the_forms_fire_took_still_work():
 
 
 def test_a_new_parameter_is_a_flag_without_code_here(tmp_path):
-    """What another branch adds (`jalora estimate --num_gpus`) is checked from its signature alone."""
+    """A parameter a command gains is checked from its signature alone, with no RULES entry."""
     source = tmp_path / "new_command.py"
     source.write_text(
-        "def estimate(base_model: str, num_gpus: int = 1, sharding: str | None = None) -> dict:\n    return {}\n"
+        "def estimate(base_model: str, num_nodes: int = 1, engine: str | None = None) -> dict:\n    return {}\n"
     )
     flags = flags_in_source(str(source), "estimate")
-    assert parse_args(flags, ["m", "--num_gpus", "2", "--sharding", "fsdp"]) == {
+    assert parse_args(flags, ["m", "--num_nodes", "2", "--engine", "zero9"]) == {
         "base_model": "m",
-        "num_gpus": 2,
-        "sharding": "fsdp",
+        "num_nodes": 2,
+        "engine": "zero9",
     }
-    with pytest.raises(UserError, match=r"--num_gpus must be a whole number, got 'two'"):
-        parse_args(flags, ["--num_gpus", "two"])
-    with pytest.raises(UserError, match=r"unknown flag --num_gpu \(did you mean --num_gpus\?\)"):
-        parse_args(flags, ["--num_gpu", "2"])
+    with pytest.raises(UserError, match=r"--num_nodes must be a whole number, got 'two'"):
+        parse_args(flags, ["--num_nodes", "two"])
+    with pytest.raises(UserError, match=r"unknown flag --num_node \(did you mean --num_nodes\?\)"):
+        parse_args(flags, ["--num_node", "2"])
 
 
 def test_one_name_for_one_thing():

@@ -89,6 +89,14 @@ def forget_gguf_origin(model) -> None:
     del model.config.quantization_config
 
 
+def check_readable(folder: str, gguf_file: str) -> None:
+    """Read the GGUF's config (metadata only, fast): transformers raises here for an architecture it
+    cannot de-quantize, so the caller's one-line error is not preceded by a de-quantizing notice."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+
+
 def write_entry(folder: str, gguf_file: str, sha256: str, staging: Path) -> None:
     """De-quantize the GGUF into `staging`: fp32 safetensors, config, generation config, tokenizer, manifest last."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,6 +158,7 @@ def dequantized_folder(folder: str, gguf_file: str) -> Path | None:
         entry = root / sha256
         if is_complete(entry, sha256):
             return entry
+        check_readable(folder, gguf_file)  # an architecture transformers cannot load fails here, before the notice
         print(f"de-quantizing {gguf_file} once; later loads read {entry}", file=sys.stderr)
         remove_stale_staging(root)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{sha256[:12]}-"))
