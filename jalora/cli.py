@@ -13,7 +13,17 @@ import sys
 from collections.abc import Callable, Mapping
 
 from jalora.errors import UserError
-from jalora.flags import Flag, check_required, closest, flags_in_source, flags_of, parse_args, read_recipe, usage
+from jalora.flags import (
+    Flag,
+    check_required,
+    closest,
+    flags_in_source,
+    flags_of,
+    flags_table,
+    parse_args,
+    read_recipe,
+    usage,
+)
 from jalora.presets import presets_table
 
 RECIPE_FLAG = "config"  # finetune's recipe file
@@ -117,3 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {name!r}{closest(name, COMMANDS)}; commands: {known}", file=sys.stderr)
         raise SystemExit(2)
     run_command(name, argv[1:])
+
+
+if __name__ == "__main__":  # `python -m jalora.cli > docs/flags.md`: the flag table, from the signatures
+    print(flags_table(all_flags()), end="")

@@ -416,7 +416,7 @@ def flags_table(commands: Mapping[str, dict[str, Flag]]) -> str:
     out = [
         "# Every command's flags",
         "",
-        "Generated from the commands' signatures and `jalora/flags.py` RULES by `python -m jalora.flags`;",
+        "Generated from the commands' signatures and `jalora/flags.py` RULES by `python -m jalora.cli`;",
         "`tests/test_flags.py` fails when this file is out of date. Flags are written `--name value` or",
         "`--name=value`; a True/False flag alone means True. An unknown flag or a bad value stops the command",
         "before any work with one `error:` line (exit 2). One name means one thing in every command:",
@@ -434,9 +434,3 @@ def flags_table(commands: Mapping[str, dict[str, Flag]]) -> str:
             out.append(f"| `--{name}` | {flag.accepts().replace('|', '/')} | {default} |")
         out.append("")
     return "\n".join(out)
-
-
-if __name__ == "__main__":
-    from jalora.cli import all_flags
-
-    print(flags_table(all_flags()), end="")
