@@ -48,7 +48,7 @@ def served(tiny_model_dir, tmp_path_factory):
     requests, answers = root / "prompts.jsonl", root / "answers.jsonl"
     requests.write_text("".join(json.dumps({"instruction": p}, ensure_ascii=False) + "\n" for p in PROMPTS), "utf-8")
     subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), "--lora_weights", str(adapter), "--input_file", str(requests)]
+        [sys.executable, str(ROOT / "generate.py"), "--lora_weights", str(adapter), "--data_path", str(requests)]
         + ["--output_file", str(answers), "--batch_size", "1", "--max_new_tokens", str(MAX_NEW_TOKENS)],
         capture_output=True,
         text=True,
