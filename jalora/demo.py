@@ -24,6 +24,7 @@ from jalora.train.finetune import finetune
 HELD_OUT = SAMPLE_DATA.with_name("dolly_ja_heldout.jsonl")
 REPEAT_PROMPT = "日本で一番高い山は"
 GREEDY = dict(do_sample=False, repetition_penalty=1.0)  # the decoding that shows the base model's loop
+DEMO_STEPS = 40
 
 
 def held_out_questions(n: int) -> list[tuple[str, str]]:
@@ -87,7 +88,7 @@ def short_run(output_dir: str, max_steps: int, cutoff_len: int = 256, base_model
 
 def demo(
     output_dir: str = "demo-out",
-    max_steps: int = 40,
+    max_steps: int = DEMO_STEPS,
     questions: int = 3,
     max_new_tokens: int = 64,
     verbose: bool = False,

@@ -39,3 +39,13 @@ def tokenization_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tokenized")
     os.environ["JALORA_CACHE_DIR"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`make demo`'s adapter on the real gemma-3-270m (its recipe and step count) and its run record,
+    trained once per session for the slow tests that check it (tests/test_real_model.py, llama.cpp)."""
+    from jalora.demo import DEMO_STEPS, short_run
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, short_run(str(out), DEMO_STEPS)

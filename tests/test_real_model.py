@@ -8,22 +8,21 @@ import time
 
 import pytest
 
-from jalora.demo import GREEDY, held_out_questions, most_repeated_sentence, short_run
+from jalora.demo import GREEDY, held_out_questions, most_repeated_sentence
 from jalora.generate.generator import Generator, Sampling
 
-DEMO_STEPS = 40
 MAX_NEW_TOKENS = 64
 
 
 @pytest.mark.slow
-def test_demo_recipe_learns_and_stops_on_end_of_turn(tmp_path):
-    record = short_run(str(tmp_path / "run"), DEMO_STEPS)  # the first load fills the cache (conftest's tmp dir)
+def test_demo_recipe_learns_and_stops_on_end_of_turn(demo_adapter):
+    run, record = demo_adapter  # its first load filled the cache (conftest's tmp dir)
     m = record["metrics"]
     assert m["eval_loss"] < 0.9 * m["eval_loss_before"], m
     assert record["base_model"] == "gemma3-270m"  # the user's name, not the cache path
 
     started = time.time()
-    generator = Generator.load(str(tmp_path / "run"))
+    generator = Generator.load(str(run))
     assert time.time() - started < 20
 
     assert generator.tokenizer.eos_token == "<end_of_turn>"

@@ -246,7 +246,7 @@ def test_smollm2_dpo_after_the_demo_sft_adapter(tmp_path):
     short = [r for r in sample if not r["input"] and len(r["output"]) < 60][:20]
     rows = [{"instruction": r["instruction"], "chosen": r["output"], "rejected": "わかりません。"} for r in short]
     train, val = write_jsonl(tmp_path / "train.jsonl", rows[:16]), write_jsonl(tmp_path / "val.jsonl", rows[16:])
-    short_run(str(tmp_path / "sft"), max_steps=20)
+    short_run(str(tmp_path / "sft"), max_steps=20, base_model="smollm2")
     record = finetune(
         base_model="smollm2", base_adapter=str(tmp_path / "sft"), data_path=train, val_data_path=val,
         output_dir=str(tmp_path / "dpo"), stage="dpo", batch_size=4, micro_batch_size=2, max_steps=8,
