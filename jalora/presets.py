@@ -42,6 +42,9 @@ class Preset:
     prompt at the head of the first user message itself (Gemma 2's template raises on one).
     `chat_template` names a Jinja file in templates/ that the tokenizer is given when it carries no
     chat template of its own (base checkpoints), so a base adapter speaks the family's chat format.
+    `turn_tokens` are the special tokens of that chat format whose embedding rows a base checkpoint
+    never learned; when jalora gives it `chat_template`, they are trained with the adapter (see
+    `base_turn_token_ids` in jalora/model/lora.py).
     """
 
     name: str
@@ -61,6 +64,7 @@ class Preset:
     sentencepiece_files: tuple[str, ...] = ()
     system_role: bool = True
     chat_template: str | None = None
+    turn_tokens: tuple[str, ...] = ()
     generation: dict = field(default_factory=dict)
 
 
@@ -122,6 +126,7 @@ GEMMA3 = Preset(
     required_tokens=("<start_of_turn>", "<end_of_turn>"),
     system_role=False,
     chat_template="gemma_turns.jinja",
+    turn_tokens=("<start_of_turn>", "<end_of_turn>"),
     generation=dict(temperature=0.7, top_p=0.95, top_k=64, repetition_penalty=1.2),
 )
 

@@ -16,17 +16,25 @@ from jalora.train.finetune import save_run
 TEXT = "吾輩は猫である。名前はまだ無い。"
 
 
-def random_adapter(base_model: str, preset_name: str, quantization: str, out_dir) -> torch.nn.Module:
-    """An adapter with non-zero LoRA B (a stand-in for training), saved with its run record."""
+def random_adapter(
+    base_model: str, preset_name: str, quantization: str, out_dir, trainable_tokens: list[int] | None = None
+) -> torch.nn.Module:
+    """An adapter with non-zero LoRA B (a stand-in for training), and changed rows of `trainable_tokens`,
+    saved with its run record."""
     preset = get_preset(preset_name)
     source = resolve_source(base_model)
     tokenizer = load_tokenizer(source, preset)
-    model = attach_lora(load_model(source, quantization), "all-linear", 8, 16, 0.0, quantized=quantization != "none")
+    model = attach_lora(
+        load_model(source, quantization), "all-linear", 8, 16, 0.0, quantized=quantization != "none",
+        trainable_tokens=trainable_tokens,
+    )  # fmt: skip
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
+            elif "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.05)
     record = dict(base_model=base_model, preset=preset_name, template=preset.template, quantization=quantization)
     save_run(model, tokenizer, record, out_dir)
     return model.eval()

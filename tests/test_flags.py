@@ -257,7 +257,7 @@ def test_cpu_demo_recipe_is_the_run_make_demo_makes(monkeypatch):
 
     made = {}
     monkeypatch.setattr(jalora.demo, "finetune", lambda **kwargs: made.update(kwargs))
-    jalora.demo.short_run("demo-out", 40)
+    jalora.demo.short_run("demo-out", jalora.demo.DEMO_STEPS)
     recipe = read_recipe(str(RECIPES / "cpu-demo.yaml"), COMMANDS.flags("finetune"))
     for key in ("data_path", "val_data_path"):
         assert Path(made.pop(key)) == REPO / recipe.pop(key)

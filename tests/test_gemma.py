@@ -15,7 +15,7 @@ from jalora.model import architectures
 from jalora.model.loading import attach_lora, compute_dtype, resolve_targets
 from jalora.model.packed_attention import PACKED_EAGER, PACKED_SDPA, use_packed_attention
 from jalora.presets import get_preset
-from jalora.train.loss import causal_lm_loss
+from jalora.train.loss import causal_lm_loss, fused_head_weights
 from jalora.train.trainer import lean_settings
 
 MODELS = {"gemma3": tiny_gemma.gemma3_text_model, "gemma2": tiny_gemma.gemma2_model}
@@ -182,3 +182,25 @@ def test_chunked_ce_under_bf16_autocast():
         chunked = loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk_size=5))
     torch.testing.assert_close(chunked[0], full[0], atol=2e-2, rtol=2e-2)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in chunked[1].values())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_trained_turn_token_rows_take_the_fused_head_exactly(name):
+    """A base checkpoint's turn-token rows train with the adapter (peft's trainable tokens, tied to the
+    head): the fused chunked loss reads them without copying the head and gives the model's loss and
+    gradients, the rows' own included."""
+    model = MODELS[name]()
+    use_packed_attention(model)
+    torch.manual_seed(0)
+    model = attach_lora(model, "all-linear", 4, 8, 0.0, quantized=False, trainable_tokens=[5, 7])
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_ or "trainable_tokens_delta" in name_:
+                p.normal_(std=0.1)
+    head = model.get_base_model().get_output_embeddings()
+    assert fused_head_weights(head)[2].tolist() == [5, 7]
+    batch = PackCollator()(tiny_gemma.examples())
+    full = loss_and_grads(model, lambda: model(**batch).loss)
+    rows = [n for n in full[1] if "trainable_tokens_delta" in n]
+    assert rows and all(full[1][n].abs().sum() > 0 for n in rows)
+    assert_same(full, loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk_size=5)))

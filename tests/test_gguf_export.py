@@ -445,3 +445,18 @@ def test_gemma_exports_refused_in_one_line(gemma_dir, tmp_path, capsys):
         out = str(tmp_path / "out")
         err = export_error(capsys, lora_weights=str(tmp_path / "run"), output_dir=out, base_model=str(other))
         assert ("vision tower" if name == "vision" else "query_pre_attn_scalar 64") in err
+
+
+def test_trained_turn_rows_reach_the_merged_gguf_and_refuse_a_lora_gguf(gemma_dir, tmp_path, capsys):
+    """A base Gemma checkpoint's adapter trains the turn tokens' rows (tied with the head): the merged
+    GGUF's token_embd holds them, and a llama.cpp LoRA, which cannot, is refused in one line."""
+    turn_ids = [105, 106]
+    random_adapter(str(gemma_dir("gemma3")), "gemma3", "none", tmp_path / "run", trainable_tokens=turn_ids)
+    base, merged = merged_state(tmp_path / "run")
+    rows = merged["model.embed_tokens.weight"][turn_ids]
+    assert not torch.allclose(rows, base["model.embed_tokens.weight"][turn_ids])
+    path = export(lora_weights=str(tmp_path / "run"), output_dir=str(tmp_path / "gguf"))
+    _, tensors = read_gguf(path)
+    torch.testing.assert_close(tensors["token_embd.weight"][turn_ids], rows, atol=2e-3, rtol=2e-3)  # f16
+    err = export_error(capsys, lora_weights=str(tmp_path / "run"), output_dir=str(tmp_path / "lora"), adapter_only=True)
+    assert "turn tokens' embedding rows" in err and "--adapter_only" in err

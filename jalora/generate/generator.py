@@ -30,6 +30,7 @@ from jalora.model.loading import (
     load_config,
     load_model,
     load_tokenizer,
+    merge_token_rows,
     resolve_preset,
     resolve_source,
 )
@@ -182,6 +183,7 @@ class Generator:
         if lora_weights:
             check_adapter_fits(lora_weights, model)
             model = PeftModel.from_pretrained(model, lora_weights)
+            merge_token_rows(model)
         assistant = load_assistant(assistant_model, tokenizer, trust_remote_code) if assistant_model else None
         return cls(model, tokenizer, prompter, assistant)
 

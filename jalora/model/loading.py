@@ -336,20 +336,35 @@ def attach_lora(
     dropout: float,
     quantized: bool,
     gradient_checkpointing: bool = True,
+    trainable_tokens: list[int] | None = None,
 ):
-    """Wrap the model with a fresh LoRA adapter; k-bit models get peft's training preparation, a model
-    on the CPU the cheaper dropout of jalora/model/lora_dropout.py."""
+    """Wrap the model with a fresh LoRA adapter, plus the embedding rows of `trainable_tokens` (peft's
+    trainable tokens); k-bit models get peft's training preparation, a model on the CPU the cheaper
+    dropout of jalora/model/lora_dropout.py."""
     from peft import LoraConfig, get_peft_model
 
     if quantized:
         model = _prepare_kbit(model, gradient_checkpointing)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
-    )
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM",
+        trainable_token_indices=trainable_tokens or None,
+    )  # fmt: skip
     model = get_peft_model(model, config)
     if next(model.parameters()).device.type == "cpu":
         use_integer_mask_dropout(model)
     return model
+
+
+def merge_token_rows(model) -> None:
+    """Write an adapter's trained token rows (peft's trainable tokens, jalora/model/lora.py) into the
+    embedding and its tied head, for inference: peft's unmerged forward copies the whole matrix to
+    replace those rows on every call (greedy decoding on gemma-3-270m: 3.3x slower). peft restores the
+    original rows itself whenever the adapter is disabled."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.merge()
 
 
 def continue_adapter(model, adapter_dir: str, quantized: bool, gradient_checkpointing: bool = True):

@@ -8,8 +8,9 @@ chunk size they are built a chunk at a time: at most one chunk of logits is aliv
 linear head each chunk's gradient is computed in the forward pass, while its logits are at hand
 (`_FusedHeadLoss`, the "fused linear cross-entropy" of Liger-Kernel and others): the backward pass
 then only scales the stored gradient, so chunking costs no recomputation of the head, which on
-gemma-3-270m is most of the model's FLOPs. Any other head (a peft-wrapped one) is checkpointed per
-chunk and recomputed instead.
+gemma-3-270m is most of the model's FLOPs; a head whose turn-token rows train (peft's trainable
+tokens) takes the same path. Any other head (a LoRA-wrapped one) is checkpointed per chunk and
+recomputed instead.
 
 Which models may take this path is a fact of their architecture (jalora/model/architectures.py):
 the head must be all there is between the last hidden state and the logits, apart from a final
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+from peft.utils.other import TrainableTokensWrapper
 from torch.utils.checkpoint import checkpoint
 
 from jalora.data.records import IGNORE_INDEX
@@ -47,22 +50,28 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `cap(hidden @ weight.T)` with its gradients computed chunk by chunk in
-    the forward pass. torch has no fused linear + cross-entropy; written here because the checkpointed
-    alternative recomputes the head, and only the gradient w.r.t. `hidden` (and `weight` where it
-    trains) is ever needed from each chunk's logits."""
+    """Summed cross-entropy of `cap(hidden @ W.T)` with its gradients computed chunk by chunk in the
+    forward pass; W is `weight` with the rows `rows` replaced by `row_weight` when given (peft's
+    trainable tokens, see `fused_head_weights`). torch has no fused linear + cross-entropy; written
+    here because the checkpointed alternative recomputes the head, and only the gradients w.r.t.
+    `hidden`, `row_weight` (and `weight` where it trains) are ever needed from each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None):
-        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        ctx.weight_dtype = weight.dtype
+    def forward(ctx, hidden, weight, row_weight, rows, targets, chunk_size: int, softcap: float | None):
+        need_hidden, need_weight, need_rows = ctx.needs_input_grad[:3]
+        want_grads = need_hidden or need_weight or need_rows
+        ctx.dtypes = weight.dtype, row_weight.dtype if row_weight is not None else None
         total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_rows = torch.zeros_like(row_weight, dtype=torch.float32) if need_rows else None
+        row_change = row_weight - weight[rows] if rows is not None else None
         for start in range(0, len(targets), chunk_size):
             piece = slice(start, start + chunk_size)
             h, t = hidden[piece], targets[piece]
             logits = F.linear(h, weight)
+            if rows is not None:
+                logits[:, rows] = F.linear(h, row_weight)
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
@@ -78,17 +87,42 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad = grad.to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[piece] = grad @ weight
+                if rows is not None:
+                    grad_hidden[piece] += grad[:, rows] @ row_change
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            if grad_rows is not None:
+                grad_rows += (grad[:, rows].T @ h).float()
+        if grad_weight is not None and rows is not None:
+            grad_weight[rows] = 0  # those rows of `weight` are not used
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        weight_dtype, rows_dtype = ctx.dtypes
+        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None
+        grad_weight = (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None
+        grad_rows = (grad_rows * grad_total).to(rows_dtype) if grad_rows is not None else None
+        return grad_hidden, grad_weight, grad_rows, None, None, None, None
+
+
+def fused_head_weights(head: torch.nn.Module):
+    """(weight, row_weight, rows) of a head `_FusedHeadLoss` can compute, or None: a plain linear head
+    without bias, or one wrapped by peft's trainable tokens (a tied head whose turn-token rows train,
+    jalora/model/lora.py) with one active adapter, unmerged. peft's own forward of that wrapper copies
+    the whole 262k-row matrix to replace two rows, on every call."""
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight, None, None  # nothing replaced
+    head = head.token_adapter if isinstance(head, TrainableTokensWrapper) else head
+    if not isinstance(head, TrainableTokensLayer) or head.merged or head.disable_adapters:
+        return None
+    base, active = head.base_layer, head.active_adapters
+    if type(base) is not torch.nn.Linear or base.bias is not None or len(active) != 1:
+        return None
+    rows = torch.tensor(head.token_indices[active[0]], device=base.weight.device)
+    return base.weight, head.trainable_tokens_delta[active[0]], rows
 
 
 def chunked_cross_entropy(
@@ -109,8 +143,9 @@ def chunked_cross_entropy(
     targets = targets[keep]
     if chunk_size is None:
         return _chunk_loss(head, hidden, targets, softcap) / _denominator(num_items_in_batch, keep)
-    if type(head) is torch.nn.Linear and head.bias is None:
-        total = _FusedHeadLoss.apply(hidden, head.weight, targets, chunk_size, softcap)
+    fused = fused_head_weights(head)
+    if fused is not None:
+        total = _FusedHeadLoss.apply(hidden, *fused, targets, chunk_size, softcap)
         return total / _denominator(num_items_in_batch, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_size):
