@@ -14,6 +14,7 @@ the base in the same prompt with a paired interval (see `paired_gain`).
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import time
@@ -174,18 +175,19 @@ def run(
 
 def glob_rows(pattern: str) -> list[dict]:
     """The rows of every file matching a glob (the slices of one scoring), in file-name order."""
-    rows = [row for path in sorted(Path().glob(pattern)) for row in read_rows(path)]
+    rows = [row for path in sorted(glob.glob(pattern)) for row in read_rows(Path(path))]
     if not rows:
         raise UserError(f"{pattern}: no prediction files match")
     return rows
 
 
-def score_files(valid_file: str, *patterns: str, gain_of: str | None = None, over: str | None = None) -> dict:
-    """Intervals and error counts of prediction files (each pattern a glob taken together), and with
-    `--gain_of ADAPTER_GLOB --over BASE_GLOB` the paired gain on the questions both scored."""
+def score_files(valid_file: str, patterns: str, gain_of: str | None = None, over: str | None = None) -> dict:
+    """Intervals and error counts of prediction files (`patterns`: globs separated by commas, each glob's
+    files taken together), and with `--gain_of ADAPTER_GLOB --over BASE_GLOB` the paired gain on the
+    questions both scored."""
     questions = read_questions(valid_file)
     figures = {}
-    for name in patterns:
+    for name in patterns.split(","):
         rows = glob_rows(name)
         if "base_pred" in rows[0]:
             figures[name] = template_figures(rows, questions)

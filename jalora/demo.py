@@ -2,8 +2,8 @@
 
 1. The base model, greedy at repetition_penalty 1.0, continues `日本で一番高い山は` with one sentence
    over and over: the repetition that alpaca-lora's open-calm recipe fights with a penalty of 5.0.
-2. Asked held-out questions in Gemma's turns, the base model talks on to the token limit; after 32
-   LoRA steps on the bundled Japanese sample (about 3 minutes on 2 cores; the turn tokens' rows train
+2. Asked held-out questions in Gemma's turns, the base model talks on to the token limit; after 24
+   LoRA steps on the bundled Japanese sample (under 3 minutes on 2 cores; the turn tokens' rows train
    too, see jalora/model/lora.py) the adapter answers and stops on `<end_of_turn>`.
 3. The held-out loss before and after the run.
 """
@@ -25,7 +25,7 @@ from jalora.train.finetune import finetune
 HELD_OUT = SAMPLE_DATA.with_name("dolly_ja_heldout.jsonl")
 REPEAT_PROMPT = "日本で一番高い山は"
 GREEDY = dict(do_sample=False, repetition_penalty=1.0)  # the decoding that shows the base model's loop
-DEMO_STEPS = 32
+DEMO_STEPS = 24
 
 
 def held_out_questions(n: int) -> list[tuple[str, str]]:

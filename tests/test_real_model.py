@@ -31,6 +31,8 @@ def test_demo_recipe_learns_and_stops_on_end_of_turn(demo_adapter):
     prompts = prompter.encode([prompter.render(q, x) for q, x in questions])
     answers = generator.generate_ids(prompts, Sampling(max_new_tokens=MAX_NEW_TOKENS, **GREEDY))
     stopped = [len(ids) < MAX_NEW_TOKENS for ids in answers]  # generate_ids cuts at the first eos id
+    print(f"demo adapter: held-out loss {m['eval_loss_before']:.3f} -> {m['eval_loss']:.3f}; "
+          f"{sum(stopped)}/{len(stopped)} greedy answers stopped on <end_of_turn>")  # fmt: skip
     assert sum(stopped) >= 0.75 * len(stopped), [generator.text_of(ids) for ids in answers]
     assert all(generator.text_of(ids).strip() for ids in answers)
 
