@@ -72,8 +72,9 @@ def test_toy_task_is_learned_and_generation_stops_on_end_of_turn(tiny_model_dir,
 def test_base_checkpoint_trains_its_turn_rows_and_they_reload_in_plain_peft(tiny_model_dir, tmp_path):
     """The Gemma 3 stand-in has no chat template (a -pt checkpoint): <start_of_turn> and <end_of_turn>
     rows train with the adapter, raise <end_of_turn> where each answer ends, and plain peft gives
-    Generator's logits (which writes the rows into the embedding for speed)."""
+    Generator's logits (which writes the rows into the embedding for speed, again after --compare_base)."""
     from peft import PeftModel
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from transformers import AutoModelForCausalLM
 
     base = str(tiny_model_dir("gemma3"))
@@ -89,5 +90,10 @@ def test_base_checkpoint_trains_its_turn_rows_and_they_reload_in_plain_peft(tiny
         logits = generator.model(ids).logits[0]
         torch.testing.assert_close(plain(ids).logits[0], logits, atol=1e-5, rtol=1e-5)
         with plain.disable_adapter():
-            before = plain(ids).logits[0].log_softmax(-1)[-1, end_of_turn]
-    assert logits.log_softmax(-1)[-1, end_of_turn] > before + 1
+            before = plain(ids).logits[0].log_softmax(-1)
+        with generator.adapter_disabled():  # --compare_base: the base's own rows, then the trained ones again
+            torch.testing.assert_close(generator.model(ids).logits[0].log_softmax(-1), before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(generator.model(ids).logits[0], logits, atol=1e-5, rtol=1e-5)
+    rows = [m for m in generator.model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert rows and all(m.merged for m in rows)  # written in again: no copy of the embedding per call
+    assert logits.log_softmax(-1)[-1, end_of_turn] > before[-1, end_of_turn] + 1

@@ -91,7 +91,7 @@ def held_out_scores(generator: Generator, examples: list[dict], batch_size: int,
     pad = generator.tokenizer.pad_token_id
     scores = {"adapter": summarize(categories, answer_token_nll(generator.model, examples, pad, batch_size))}
     if compare_base:
-        with generator.model.disable_adapter():
+        with generator.adapter_disabled():
             scores["base"] = summarize(categories, answer_token_nll(generator.model, examples, pad, batch_size))
     return scores
 
@@ -145,7 +145,7 @@ def answer_tasks(generator: Generator, rows: list[dict], sampling: Sampling, bat
     """Each row with `response` (adapter) and, if asked, `base_response` added; other fields kept."""
     variants = [("response", contextlib.nullcontext)]
     if compare_base:
-        variants.append(("base_response", generator.model.disable_adapter))
+        variants.append(("base_response", generator.adapter_disabled))
     answered = [dict(row) for row in rows]
     for start in range(0, len(rows), batch_size):
         chunk = answered[start : start + batch_size]

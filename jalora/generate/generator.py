@@ -243,11 +243,16 @@ class Generator:
 
     @contextmanager
     def adapter_disabled(self):
-        """The base model's own answers (for --compare_base): the LoRA layers switched off for a while."""
+        """The base model's own answers (for --compare_base): the LoRA layers switched off for a while.
+        peft puts back the original token rows on the way in; they are written in again on the way out,
+        or every later adapter pass would copy the whole embedding (see `merge_token_rows`)."""
         if not hasattr(self.model, "disable_adapter"):
             raise UserError("--compare_base needs --lora_weights (an adapter to compare the base model with)")
-        with self.model.disable_adapter():
-            yield
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            merge_token_rows(self.model)
 
 
 def run_quantization(record: dict) -> tuple[str, str]:

@@ -359,11 +359,12 @@ def merge_token_rows(model) -> None:
     """Write an adapter's trained token rows (peft's trainable tokens, jalora/model/lora.py) into the
     embedding and its tied head, for inference: peft's unmerged forward copies the whole matrix to
     replace those rows on every call (greedy decoding on gemma-3-270m: 3.3x slower). peft restores the
-    original rows itself whenever the adapter is disabled."""
+    original rows itself whenever the adapter is disabled; call this again afterwards. Rows already
+    written are skipped."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     for module in model.modules():
-        if isinstance(module, TrainableTokensLayer):
+        if isinstance(module, TrainableTokensLayer) and not module.merged:  # peft warns on a second merge
             module.merge()
 
 
